@@ -1,0 +1,171 @@
+"""A real evicting KV cache for decoding: at most the policy's budget of keys/values per layer, plus H, z.
+
+Slots are unordered: each holds a key, its value, the token's logical position and the policy's
+running score. Slot ``N-1`` is the landing slot of the incoming token; after the policy picks a
+victim the newcomer moves into the victim's slot (or the first free one) and the victim's key and
+value are folded into the LESS state. Memory is therefore constant however long decoding runs.
+Keys keep the RoPE positions they were written with, and ``get_seq_length`` reports every token
+seen (not only the kept ones), so the model's position ids keep counting past evicted tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from less_exp.compression import Compression, compression_of
+from less_exp.ops import fold, recurrent_less_step
+
+
+class LessCacheLayer(CacheLayerMixin):
+    """One decoder layer's kept keys/values, running scores and LESS state (H, z)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, comp: Compression, layer_idx: int):
+        super().__init__()
+        self.comp = comp
+        self.layer_idx = layer_idx
+        self.policy = comp.policy
+        self.state = comp.state(layer_idx)
+        self.seen = 0
+        self.decoding = False
+        self.H = self.z = None
+
+    # -- CacheLayerMixin --------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        self.comp.bind(self.layer_idx, self)
+        if not self.decoding:
+            return key_states, value_states
+        if key_states.shape[-2] != 1:
+            raise NotImplementedError("LessCache decodes one token at a time after the prefill")
+        self._admit(key_states, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.H = self.z = None
+        self.seen, self.decoding, self.is_initialized = 0, False, False
+
+    # -- prefill ------------------------------------------------------------------------------
+    def start_from_prefill(self, key, value, budget, present, scores, valid, psi) -> None:
+        """Keep what the parallel form kept after the last prompt token; fold the rest into the state."""
+        self.budget = budget
+        B, Hkv, S, d = key.shape
+        logical = (valid.long().cumsum(-1) - 1)[:, None, :].expand(B, Hkv, S)
+        self.count = valid.sum(-1)
+        if self.state is not None:
+            evicted = (valid[:, None, :] & ~present).to(key.dtype)
+            self.H = torch.einsum("bhsf,bhsd->bhfd", psi * evicted[..., None], value)
+            self.z = (psi * evicted[..., None]).sum(-2)
+        if budget.capacity is None:
+            self.keys, self.values, self.present = key, value, present
+            self.logical, self.scores = logical, scores
+        else:
+            slots = budget.capacity + 1
+            kept = min(S, budget.capacity)
+            order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices[..., :kept]
+            self.keys = key.new_zeros(B, Hkv, slots, d)
+            self.values = value.new_zeros(B, Hkv, slots, d)
+            self.present = present.new_zeros(B, Hkv, slots)
+            self.logical = logical.new_full((B, Hkv, slots), -1)
+            self.scores = scores.new_zeros(B, Hkv, slots)
+            gather = order[..., None].expand(-1, -1, -1, d)
+            self.keys[..., :kept, :] = key.gather(2, gather)
+            self.values[..., :kept, :] = value.gather(2, gather)
+            self.present[..., :kept] = present.gather(2, order)
+            self.logical[..., :kept] = logical.gather(2, order)
+            self.scores[..., :kept] = scores.gather(2, order)
+        self.decoding = True
+
+    # -- decoding -----------------------------------------------------------------------------
+    def _admit(self, key, value) -> None:
+        """Add one token, evicting one unprotected token if the budget overflows."""
+        if self.budget.capacity is None:
+            B, Hkv = key.shape[:2]
+            self.keys = torch.cat([self.keys, key], dim=-2)
+            self.values = torch.cat([self.values, value], dim=-2)
+            self.present = torch.cat([self.present, self.present.new_ones(B, Hkv, 1)], dim=-1)
+            self.logical = torch.cat([self.logical, self.count[:, None, None].expand(B, Hkv, 1)], dim=-1)
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(B, Hkv, 1)], dim=-1)
+            self.count = self.count + 1
+            return
+        self.keys[..., -1:, :] = key
+        self.values[..., -1:, :] = value
+        self.present[..., -1] = True
+        self.logical[..., -1] = self.count[:, None]
+        self.scores[..., -1] = 0.0
+        evict, victim = self.policy.select_victims(
+            self.present, self.logical, self.scores, self.count[:, None, None], self.budget
+        )
+        if self.state is not None:
+            idx = victim[..., None, None].expand(-1, -1, 1, key.shape[-1])
+            self.H, self.z = fold(
+                self.state, self.keys.gather(2, idx), self.values.gather(2, idx), evict[..., None], self.H, self.z
+            )
+        free = (~self.present[..., :-1]).to(torch.int8).argmax(-1)
+        target = torch.where(evict, victim, free)[..., None]
+        idx = target[..., None].expand(-1, -1, 1, key.shape[-1])
+        self.keys.scatter_(2, idx, key)
+        self.values.scatter_(2, idx, value)
+        for name in ("present", "logical", "scores"):
+            buf = getattr(self, name)
+            buf.scatter_(2, target, buf[..., -1:].clone())
+        self.present[..., -1] = False
+        self.count = self.count + 1
+
+    def attend(self, query, scaling):
+        out, probs = recurrent_less_step(
+            query, self.keys, self.values, self.present, scaling, self.state, self.H, self.z
+        )
+        if self.policy.uses_scores:
+            new = self.policy.accumulate(self.scores, probs.sum(2)[..., -1, :].to(self.scores.dtype))
+            self.scores = torch.where(self.present, new, self.scores)
+        return out
+
+    # -- accounting ---------------------------------------------------------------------------
+    def nbytes(self) -> dict:
+        """Bytes held: keys/values (the cache proper), the LESS state, and the policy's bookkeeping."""
+        def size(*ts):
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+        if not self.decoding:
+            return {"kv": 0, "state": 0, "bookkeeping": 0}
+        return {
+            "kv": size(self.keys, self.values),
+            "state": size(self.H, self.z),
+            "bookkeeping": size(self.present, self.logical, self.scores),
+        }
+
+
+class LessCache(Cache):
+    """A ``transformers`` Cache whose layers really evict; pass it as ``past_key_values``."""
+
+    def __init__(self, model):
+        comp = compression_of(model)
+        if comp is None:
+            raise ValueError("LessCache needs a model prepared with less_exp.compression.apply/build")
+        super().__init__(layers=[LessCacheLayer(comp, i) for i in range(comp.num_layers)])
+
+    def nbytes(self) -> dict:
+        total: dict = {}
+        for layer in self.layers:
+            for k, v in layer.nbytes().items():
+                total[k] = total.get(k, 0) + v
+        return total

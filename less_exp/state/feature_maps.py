@@ -1,0 +1,100 @@
+"""Feature maps phi (queries, per query head) and psi (keys, per KV head) of the LESS state.
+
+Every map returns non-negative features so that ``phi(q) . psi(k)`` is a valid attention weight,
+and reports its feature count ``num_features`` (D'), which sets the state's memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class FeatureMap(nn.Module):
+    """Base: ``query(q [B, H, S, d]) -> [B, H, S, D']`` and ``key(k [B, Hkv, S, d]) -> [B, Hkv, S, D']``."""
+
+    num_features: int
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def key(self, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """What a checkpoint must match to load this map's parameters."""
+        return {"name": type(self).__name__, "num_features": self.num_features}
+
+
+class HeadwiseMLP(nn.Module):
+    """Two bias-free layers ``d -> hidden -> out`` with GELU, one weight set per head (or shared)."""
+
+    def __init__(self, heads: int, dim: int, hidden: int, out: int, dropout: float, per_head: bool):
+        super().__init__()
+        n = heads if per_head else 1
+        self.w1 = nn.Parameter(torch.empty(n, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(n, hidden, out))
+        for w in (self.w1, self.w2):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1 = self.w1.to(x.dtype)
+        w2 = self.w2.to(x.dtype)
+        hidden = self.dropout(nn.functional.gelu(torch.einsum("bhsd,hde->bhse", x, w1.expand(x.shape[1], -1, -1))))
+        return torch.einsum("bhse,hef->bhsf", hidden, w2.expand(x.shape[1], -1, -1))
+
+
+class LessMLP(FeatureMap):
+    """The LESS paper's kernels: ``phi(q) = |MLP_q(q)|``, ``psi(k) = s * |MLP_k(k)|``.
+
+    ``s`` is a learned positive scale per KV head (stored as its log), initialised to
+    ``key_scale_init`` (1e-4) so that an untrained state adds almost nothing and LESS starts as the
+    plain sparse policy. Dropout on the hidden layer acts only in training.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        hidden: int = 512,
+        features: int = 8,
+        key_scale_init: float = 1e-4,
+        dropout: float = 0.3,
+        per_head: bool = True,
+    ):
+        super().__init__()
+        self.num_features = features
+        self.per_head = per_head
+        self.hidden = hidden
+        self.q_mlp = HeadwiseMLP(num_heads, head_dim, hidden, features, dropout, per_head)
+        self.k_mlp = HeadwiseMLP(num_kv_heads, head_dim, hidden, features, dropout, per_head)
+        self.log_key_scale = nn.Parameter(torch.full((num_kv_heads, 1, 1), math.log(key_scale_init)))
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        return self.q_mlp(q).abs()
+
+    def key(self, k: torch.Tensor) -> torch.Tensor:
+        return self.k_mlp(k).abs() * self.log_key_scale.exp().to(k.dtype)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "hidden": self.hidden, "per_head": self.per_head}
+
+
+class Elu1(FeatureMap):
+    """``elu(x) + 1`` (Katharopoulos et al., 2020), D' = d, no parameters but the key scale."""
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, key_scale_init: float = 1e-4):
+        super().__init__()
+        self.num_features = head_dim
+        self.log_key_scale = nn.Parameter(torch.full((num_kv_heads, 1, 1), math.log(key_scale_init)))
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        return nn.functional.elu(q) + 1
+
+    def key(self, k: torch.Tensor) -> torch.Tensor:
+        return (nn.functional.elu(k) + 1) * self.log_key_scale.exp().to(k.dtype)

@@ -1,0 +1,157 @@
+"""The compression engine on real transformers decoders: both forms agree, the cache really evicts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from less_exp.cache import LessCache
+from less_exp.compression import build
+from less_exp.policies import H2O, TOVA, Full, Sink, Window
+from less_exp.state import JointNormalizer, LessMLP, LessStates
+from less_exp.tasks.consistency import decode_logits, max_abs_logit_diff
+from less_exp.tiny import build_tiny
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+FAMILIES = ["tiny_llama", "tiny_mistral", "tiny_qwen2"]
+POLICIES = {
+    "full": lambda: Full(),
+    "window": lambda: Window(recent=6),
+    "sink": lambda: Sink(sink=2, recent=5),
+    "h2o": lambda: H2O(heavy=4, recent=3),
+    "tova": lambda: TOVA(heavy=6, recent=1),
+}
+
+
+def tiny(name):
+    model, tok = build_tiny(OmegaConf.load(CONF / f"{name}.yaml"), torch.float32)
+    return model.eval().requires_grad_(False), tok
+
+
+def states_for(model, key_scale=1.0, seed=0):
+    cfg = model.config
+    d = cfg.head_dim
+    torch.manual_seed(seed)
+    return LessStates.build(
+        lambda: LessMLP(d, cfg.num_attention_heads, cfg.num_key_value_heads, hidden=32, features=4,
+                        key_scale_init=key_scale, dropout=0.0),
+        JointNormalizer, cfg.num_hidden_layers, d,
+    ).eval()
+
+
+def ids(n=40, batch=1, seed=0):
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("with_state", [False, True], ids=["plain", "less"])
+def test_parallel_and_decoding_agree(family, policy, with_state):
+    model, _ = tiny(family)
+    build(model, POLICIES[policy](), states_for(model) if with_state else None)
+    assert max_abs_logit_diff(model, ids(), prefill=9) < 1e-4
+
+
+@torch.no_grad()
+def test_state_changes_the_output_and_untrained_state_does_not():
+    model, _ = tiny("tiny_llama")
+    x = ids(64)
+    build(model, H2O(heavy=4, recent=4), None)
+    plain = model(x, use_cache=False).logits
+    build(model, H2O(heavy=4, recent=4), states_for(model, key_scale=1e-4))
+    fresh = model(x, use_cache=False).logits
+    build(model, H2O(heavy=4, recent=4), states_for(model, key_scale=1.0))
+    strong = model(x, use_cache=False).logits
+    nll = lambda logits: torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:])
+    assert abs(nll(fresh) / nll(plain) - 1) < 1e-3
+    assert (strong - plain).abs().max() > 100 * (fresh - plain).abs().max()
+
+
+@pytest.mark.parametrize("policy", ["sink", "h2o"])
+def test_left_padded_batch_matches_single_rows(policy):
+    model, _ = tiny("tiny_qwen2")
+    build(model, POLICIES[policy](), states_for(model))
+    long, short = ids(30, seed=1), ids(22, seed=2)
+    batch = torch.zeros(2, 30, dtype=torch.long)
+    mask = torch.zeros(2, 30, dtype=torch.long)
+    batch[0], mask[0] = long[0], 1
+    batch[1, 8:], mask[1, 8:] = short[0], 1
+    together = decode_logits(model, batch, mask, prefill=12)
+    alone_long = decode_logits(model, long, None, prefill=12)
+    alone_short = decode_logits(model, short, None, prefill=4)
+    torch.testing.assert_close(together[0], alone_long[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[1, 8:], alone_short[0], atol=1e-4, rtol=1e-4)
+    assert max_abs_logit_diff(model, batch, mask, prefill=12) < 1e-4
+
+
+def test_generate_with_real_cache_matches_parallel_greedy():
+    model, _ = tiny("tiny_llama")
+    build(model, H2O(heavy=4, recent=4), states_for(model))
+    prompt = ids(12)
+    out = model.generate(prompt, past_key_values=LessCache(model), max_new_tokens=20, do_sample=False,
+                         min_new_tokens=20)
+    seq = prompt
+    for _ in range(20):
+        nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("policy", ["window", "sink", "h2o", "tova"])
+def test_cache_memory_is_constant(policy):
+    model, _ = tiny("tiny_llama")
+    build(model, POLICIES[policy](), states_for(model))
+    cache = LessCache(model)
+    sizes = []
+    with torch.no_grad():
+        model(ids(10), past_key_values=cache, use_cache=True)
+        for t in range(60):
+            model(ids(1, seed=t), past_key_values=cache, use_cache=True)
+            if t in (20, 59):
+                sizes.append(cache.nbytes())
+    assert sizes[0] == sizes[1]
+    assert cache.get_seq_length() == 70
+    budget = POLICIES[policy]().budget().capacity
+    layers, kv_heads, d = 2, model.config.num_key_value_heads, model.config.head_dim
+    assert sizes[0]["kv"] == layers * 2 * kv_heads * (budget + 1) * d * 4
+
+
+def test_full_cache_grows():
+    model, _ = tiny("tiny_llama")
+    build(model, Full(), None)
+    cache = LessCache(model)
+    with torch.no_grad():
+        model(ids(10), past_key_values=cache, use_cache=True)
+        first = cache.nbytes()["kv"]
+        model(ids(1), past_key_values=cache, use_cache=True)
+    assert cache.nbytes()["kv"] > first
+
+
+def test_decoding_without_less_cache_fails_clearly():
+    model, _ = tiny("tiny_llama")
+    build(model, H2O(heavy=4, recent=4), None)
+    with torch.no_grad():
+        out = model(ids(10), use_cache=True)
+        with pytest.raises(RuntimeError, match="LessCache"):
+            model(ids(1), past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_unsupported_model_fails_before_work():
+    model, _ = tiny("tiny_llama")
+    model.config.attn_logit_softcapping = 50.0
+    with pytest.raises(ValueError, match="soft-capping"):
+        build(model, H2O(), None)
+
+
+def test_batched_generate_with_left_padding_matches_single_prompts():
+    model, tok = tiny("tiny_llama")
+    build(model, Sink(sink=2, recent=6), states_for(model))
+    prompts = ["a longer prompt with several words", "short one"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    together = model.generate(**batch, past_key_values=LessCache(model), **kwargs)[:, batch.input_ids.shape[1]:]
+    for row, prompt in enumerate(prompts):
+        single = tok(prompt, return_tensors="pt")
+        alone = model.generate(**single, past_key_values=LessCache(model), **kwargs)[:, single.input_ids.shape[1]:]
+        assert torch.equal(together[row], alone[0])

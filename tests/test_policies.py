@@ -1,0 +1,95 @@
+"""Policies: the vectorised parallel face and the decode face against a slow reference."""
+
+import pytest
+import torch
+
+from less_exp.policies import H2O, TOVA, Full, Sink, Window
+from less_exp.policies.reference import reference_keep_sets
+
+POLICIES = [
+    Full(),
+    Window(recent=5),
+    Sink(sink=2, recent=4),
+    H2O(heavy=3, recent=3),
+    H2O(sink=1, heavy=2, recent=2),
+    TOVA(heavy=5, recent=1),
+]
+
+
+def _inputs(B=2, Hkv=2, G=2, S=17, pad=(0, 4), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, Hkv, G, S, S, generator=gen, dtype=torch.float64) * 2
+    valid = torch.ones(B, S, dtype=torch.bool)
+    for b, p in enumerate(pad):
+        valid[b, :p] = False
+    return logits, valid
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: repr(p))
+def test_keep_mask_matches_reference(policy):
+    logits, valid = _inputs()
+    budget = policy.budget(length=valid.shape[1])
+    keep, present, _ = policy.keep_mask(budget, valid, 2, logits)
+    ref = reference_keep_sets(policy, budget, valid, 2, logits)
+    B, H, S, _ = keep.shape
+    for b in range(B):
+        for h in range(H):
+            for t in range(S):
+                if valid[b, t]:
+                    assert set(keep[b, h, t].nonzero().flatten().tolist()) == ref[b][h][t], (b, h, t)
+                    if budget.capacity is not None:
+                        assert int(keep[b, h, t].sum()) <= budget.capacity
+            assert set(present[b, h].nonzero().flatten().tolist()) == ref[b][h][S - 1]
+
+
+@pytest.mark.parametrize("policy", POLICIES[1:], ids=lambda p: repr(p))
+def test_decode_face_matches_parallel_face(policy):
+    """Run ``select_victims`` slot by slot with a small cache, as a real cache does."""
+    logits, valid = _inputs(pad=(0, 0))
+    budget = policy.budget(length=valid.shape[1])
+    keep, _, _ = policy.keep_mask(budget, valid, 2, logits)
+    B, Hkv, G, S, _ = logits.shape
+    cap = budget.capacity
+    slot_pos = torch.full((B, Hkv, cap + 1), -1, dtype=torch.long)
+    present = torch.zeros(B, Hkv, cap + 1, dtype=torch.bool)
+    scores = torch.zeros(B, Hkv, cap + 1, dtype=torch.float64)
+    for t in range(S):
+        free = (~present).float().argmax(-1)
+        slot_pos.scatter_(-1, free[..., None], t)
+        present.scatter_(-1, free[..., None], True)
+        scores.scatter_(-1, free[..., None], 0.0)
+        evict, victim = policy.select_victims(present, slot_pos, scores, torch.tensor(t), budget)
+        present.scatter_(-1, victim[..., None], present.gather(-1, victim[..., None]) & ~evict[..., None])
+        for b in range(B):
+            for h in range(Hkv):
+                got = set(slot_pos[b, h][present[b, h]].tolist())
+                assert got == set(keep[b, h, t].nonzero().flatten().tolist()), (t, b, h)
+        if policy.uses_scores:
+            row = logits[..., t, :].gather(-1, slot_pos.clamp_min(0)[:, :, None].expand(B, Hkv, G, cap + 1))
+            probs = torch.softmax(row.masked_fill(~present[:, :, None], float("-inf")), -1).sum(2)
+            scores = policy.accumulate(scores, probs)
+
+
+def test_budget_ratios_and_baseline_plus():
+    assert H2O(heavy=0.05, recent=0.05, ratio_of="max_positions").budget(max_positions=2048) == H2O(
+        heavy=102, recent=102
+    ).budget()
+    assert Sink(sink=0.01, recent=0.1, ratio_of="length").budget(length=1000).capacity == 110
+    assert H2O(heavy=50, recent=50, baseline_plus=True).budget(state_tokens=4.06).capacity == 104
+    assert Sink(sink=4, recent=100, baseline_plus=True).budget(state_tokens=4.06).recent == 104
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: H2O(heavy=0.5), "fractional"),
+        (lambda: H2O(heavy=3, ratio_of="max_positions"), "ratio"),
+        (lambda: H2O(ratio_of="tokens"), "ratio_of"),
+        (lambda: Window(recent=0).budget(), "recent"),
+        (lambda: Sink(heavy=3).budget(), "heavy"),
+        (lambda: H2O(heavy=50, recent=50).check_fits(H2O(heavy=50, recent=50).budget(), 64), "not smaller"),
+    ],
+)
+def test_bad_budgets_fail_clearly(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
