@@ -68,20 +68,23 @@ def test_state_changes_the_output_and_untrained_state_does_not():
     assert (strong - plain).abs().max() > 100 * (fresh - plain).abs().max()
 
 
-@pytest.mark.parametrize("policy", ["sink", "h2o"])
-def test_left_padded_batch_matches_single_rows(policy):
+@pytest.mark.parametrize("policy", ["sink", "h2o", "tova"])
+@pytest.mark.parametrize("short_len", [22, 26])
+def test_left_padded_batch_matches_single_rows(policy, short_len):
+    """Row 1 is left-padded; with short_len=26 its prompt (6 tokens) is shorter than the budget."""
     model, _ = tiny("tiny_qwen2")
     build(model, POLICIES[policy](), states_for(model))
-    long, short = ids(30, seed=1), ids(22, seed=2)
+    long, short = ids(30, seed=1), ids(short_len, seed=2)
+    pad = 30 - short_len
     batch = torch.zeros(2, 30, dtype=torch.long)
     mask = torch.zeros(2, 30, dtype=torch.long)
     batch[0], mask[0] = long[0], 1
-    batch[1, 8:], mask[1, 8:] = short[0], 1
+    batch[1, pad:], mask[1, pad:] = short[0], 1
     together = decode_logits(model, batch, mask, prefill=12)
     alone_long = decode_logits(model, long, None, prefill=12)
-    alone_short = decode_logits(model, short, None, prefill=4)
+    alone_short = decode_logits(model, short, None, prefill=12 - pad)
     torch.testing.assert_close(together[0], alone_long[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(together[1, 8:], alone_short[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[1, pad:], alone_short[0], atol=1e-4, rtol=1e-4)
     assert max_abs_logit_diff(model, batch, mask, prefill=12) < 1e-4
 
 

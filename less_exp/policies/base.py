@@ -210,48 +210,61 @@ class ScoredPolicy(EvictionPolicy):
             raise ValueError(f"{self.name} ranks tokens by attention and needs the attention logits")
         B, S = valid.shape
         device = valid.device
-        logical = valid.long().cumsum(-1) - 1
-        cap = budget.capacity
+        lengths = valid.sum(-1).tolist()
+        L = max(lengths)
+        if L == S and min(lengths) == S:
+            return self._run(logits.float(), budget, lengths)
+        # Work in logical positions: drop each row's left padding so that every row starts at 0.
+        shifted = logits.new_zeros(*logits.shape[:3], L, L, dtype=torch.float32)
+        for b, n in enumerate(lengths):
+            shifted[b, ..., :n, :n] = logits[b, ..., S - n :, S - n :]
+        keep_l, present_l, scores_l = self._run(shifted, budget, lengths)
         keep = torch.zeros(B, num_kv_heads, S, S, dtype=torch.bool, device=device)
         present = torch.zeros(B, num_kv_heads, S, dtype=torch.bool, device=device)
         scores = torch.zeros(B, num_kv_heads, S, dtype=torch.float32, device=device)
-        logits = logits.float()
-        # Until some row holds more than ``cap`` valid tokens nothing is evicted: do those rows at once.
-        first = self._first_evicting_step(valid, cap)
-        if first > 0:
-            eye = torch.eye(first, dtype=torch.bool, device=device)
-            block = torch.ones(first, first, dtype=torch.bool, device=device).tril() & valid[:, None, None, :first]
-            block = block | (~valid[:, None, :first, None] & eye)
-            keep[:, :, :first, :first] = block
-            present[..., :first] = valid[:, None, :first]
-            probs = _masked_softmax(logits[..., :first, :first], block[:, :, None]).sum(2)
-            for t in range(first):
-                new = self.accumulate(scores[..., :first], probs[..., t, :])
-                scores[..., :first] = torch.where(valid[:, None, None, t], new, scores[..., :first])
-        rows = torch.arange(B, device=device)[:, None]
-        heads = torch.arange(num_kv_heads, device=device)[None, :]
-        for t in range(first, S):
-            vt = valid[:, t]
-            present[:, :, t] = vt[:, None]
-            evict, victim = self.select_victims(
-                present[..., : t + 1], logical[:, None, : t + 1], scores[..., : t + 1], logical[:, None, t, None], budget
-            )
-            evict = evict & vt[:, None]
-            present[rows, heads, victim] &= ~evict
-            row = present[..., : t + 1] | (~vt[:, None, None] & (torch.arange(t + 1, device=device) == t))
-            keep[:, :, t, : t + 1] = row
-            probs = _masked_softmax(logits[..., t, : t + 1], row[:, :, None]).sum(2)
-            new = self.accumulate(scores[..., : t + 1], probs)
-            scores[..., : t + 1] = torch.where(vt[:, None, None], new, scores[..., : t + 1])
+        for b, n in enumerate(lengths):
+            keep[b, :, S - n :, S - n :] = keep_l[b, :, :n, :n]
+            present[b, :, S - n :] = present_l[b, :, :n]
+            scores[b, :, S - n :] = scores_l[b, :, :n]
+        keep |= ~valid[:, None, :, None] & torch.eye(S, dtype=torch.bool, device=device)
         return keep, present, scores
 
-    @staticmethod
-    def _first_evicting_step(valid: torch.Tensor, cap: int) -> int:
-        """First index at which some row holds ``cap + 1`` valid tokens."""
-        counts = valid.long().cumsum(-1).amax(0)
-        over = (counts > cap).nonzero()
-        return int(over[0]) if len(over) else valid.shape[1]
+    def _run(self, logits: torch.Tensor, budget: Budget, lengths: list[int]):
+        """The step rule over unpadded rows (row ``b`` is real for its first ``lengths[b]`` tokens).
 
+        ``weights = exp(logits - row max)`` is computed once; the sparse attention of query ``t`` is
+        then its row restricted to the kept set, normalised. Every step past the budget evicts exactly
+        one token, so no count is needed, and candidates are a slice: logical ``[sink, t - recent]``.
+        """
+        B, Hkv, G, L, _ = logits.shape
+        cap, sink, recent = budget.capacity, budget.sink, budget.recent
+        causal = torch.ones(L, L, dtype=torch.bool, device=logits.device).tril()
+        masked = logits.masked_fill(~causal, -math.inf)
+        weights = (masked - masked.amax(-1, keepdim=True)).exp()
+        keep = causal.expand(B, Hkv, L, L).clone()
+        present = torch.ones(B, Hkv, L, dtype=torch.bool, device=logits.device)
+        first = min(cap, L)
+        probs = weights[..., :first, :first] / weights[..., :first, :first].sum(-1, keepdim=True)
+        probs = probs.sum(2)
+        scores = torch.zeros(B, Hkv, L, dtype=torch.float32, device=logits.device)
+        real = torch.tensor(lengths, device=logits.device)[:, None, None]
+        for t in range(first):
+            new = self.accumulate(scores[..., :first], probs[..., t, :])
+            scores[..., :first] = torch.where(real > t, new, scores[..., :first])
+        final_scores = scores.clone()
+        ends = {}
+        for b, n in enumerate(lengths):
+            ends.setdefault(n - 1, []).append(b)
+        for t in range(first, L):
+            hi = t - recent + 1
+            rank = scores[..., sink:hi].masked_fill(~present[..., sink:hi], math.inf)
+            present.scatter_(-1, rank.argmin(-1, keepdim=True) + sink, False)
+            keep[:, :, t, : t + 1] = present[..., : t + 1]
+            w = weights[..., t, : t + 1] * present[:, :, None, : t + 1]
+            inc = (w / w.sum(-1, keepdim=True)).sum(2)
+            scores[..., : t + 1] = self.accumulate(scores[..., : t + 1], inc)
+            for b in ends.get(t, ()):
+                final_scores[b] = scores[b]
+        final_present = torch.stack([keep[b, :, n - 1] for b, n in enumerate(lengths)])
+        return keep, final_present, final_scores
 
-def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.masked_fill(~mask, -math.inf), dim=-1)
