@@ -1,0 +1,53 @@
+"""Where the platform finds its configs, data, caches and output folders.
+
+The Hydra configs live in the repository's top-level ``conf/`` (next to the package, as an
+editable install keeps it), so every path here is derived from the source checkout or from an
+environment variable that overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT_DIR / "conf"
+
+
+def conf_dir() -> str:
+    """Absolute path of the Hydra config folder; fails clearly when the checkout lacks it."""
+    if not (CONF_DIR / "eval.yaml").is_file():
+        raise FileNotFoundError(
+            f"Hydra configs not found at {CONF_DIR}; install less-exp from its source checkout "
+            "with `pip install -e .` (scripts/setup.sh does)."
+        )
+    return str(CONF_DIR)
+
+
+def cache_dir() -> Path:
+    """Cache for converted models and downloads: ``$LESS_CACHE_DIR`` or ``~/.cache/less-exp``."""
+    env = os.environ.get("LESS_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "less-exp"
+
+
+def data_root() -> Path:
+    """Offline data sets: ``$LESS_DATA_ROOT`` or ``../shared/data`` beside the checkout."""
+    env = os.environ.get("LESS_DATA_ROOT")
+    return Path(env).expanduser() if env else (ROOT_DIR.parent / "shared" / "data")
+
+
+def register_resolvers() -> None:
+    """Expose the defaults above to the configs as ``${less.root:}`` etc."""
+    resolvers = {
+        "less.root": lambda: str(ROOT_DIR),
+        "less.cache": lambda: str(cache_dir()),
+        "less.data": lambda: str(data_root()),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
