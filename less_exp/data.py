@@ -1,0 +1,115 @@
+"""Data sets named by ``conf/data`` presets: the local copy when present, else the hub.
+
+Local files live under ``paths.data_root`` (``$LESS_DATA_ROOT``, default ``../shared/data``) so
+jobs and tests run with no network. Text sets (WikiText-2, C4) load as one string; prompt sets
+(XSum, CNN/DailyMail) as records with ``input`` and ``target`` beside their original fields.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from less_exp.errors import ConfigError, UnavailableError
+from less_exp.hub import hub_reachable
+
+SPLITS = ("train", "validation", "test")
+
+
+def local_file(data_cfg: DictConfig, split: str) -> Path | None:
+    """The configured local file for ``split`` (absolute, or relative to ``local.dir``), if any."""
+    _check_split(split)
+    local = data_cfg.get("local") or {}
+    name = (local.get("files") or {}).get(split)
+    if not name:
+        return None
+    path = Path(str(name)).expanduser()
+    return path if path.is_absolute() else Path(str(local.get("dir", "."))).expanduser() / path
+
+
+def check_available(data_cfg: DictConfig, split: str) -> None:
+    """Fail fast, saying what to set, when ``split`` is neither on disk nor reachable on the hub."""
+    path = local_file(data_cfg, split)
+    if path is not None and path.is_file():
+        return
+    if data_cfg.get("hub") and hub_reachable():
+        return
+    where = f"no local file {path.resolve()}" if path is not None else "no local file configured"
+    raise UnavailableError(
+        f"data={data_cfg.name} split={split}: {where} and the Hugging Face hub is not reachable. "
+        f"Set LESS_DATA_ROOT (config paths.data_root) to the folder that holds the offline data "
+        f"(../shared/data beside the checkout by default), or data.local.files.{split} to a file."
+    )
+
+
+def load_text(data_cfg: DictConfig, split: str) -> str:
+    """The whole split as one string (a text file as is, or a text field's rows joined)."""
+    field = data_cfg.get("text_field", "text")
+    join = data_cfg.get("join", "\n\n")
+    check_available(data_cfg, split)
+    path = local_file(data_cfg, split)
+    if path is not None and path.is_file():
+        if path.suffix == ".jsonl":
+            return join.join(row[field] for row in _jsonl(path))
+        return path.read_text(encoding="utf-8")
+    return join.join(row[field] for row in _hub_rows(data_cfg, split))
+
+
+def load_records(data_cfg: DictConfig, split: str) -> list[dict]:
+    """The split's records, each with ``input`` (the prompt) and ``target`` added."""
+    check_available(data_cfg, split)
+    path = local_file(data_cfg, split)
+    on_disk = path is not None and path.is_file()
+    source = data_cfg.local if on_disk else data_cfg.hub
+    fields, prompt = source.get("fields"), source.get("prompt")
+    if not fields:
+        raise ConfigError(f"data={data_cfg.name} has no input/target fields; it is a text set, use load_text")
+    records = []
+    for row in _jsonl(path) if on_disk else _hub_rows(data_cfg, split):
+        record = dict(row)
+        record["input"] = prompt.format(input=row[fields.input]) if prompt else row[fields.input]
+        record["target"] = row[fields.target]
+        records.append(record)
+    return records
+
+
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Disjoint ``seq_len``-token windows ``[n, seq_len]`` of ``text`` tokenized as one string.
+
+    No special tokens are added; the tail shorter than ``seq_len`` is dropped; ``max_windows``
+    (``None`` for all) keeps the first ones.
+    """
+    if seq_len < 2:
+        raise ConfigError(f"seq_len={seq_len} must be at least 2")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    count = len(ids) // seq_len
+    if max_windows is not None:
+        count = min(count, int(max_windows))
+    if count < 1:
+        raise ConfigError(f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not one of {SPLITS}")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _hub_rows(data_cfg: DictConfig, split: str) -> Iterable[dict]:
+    import datasets
+
+    hub = data_cfg.hub
+    hub_split = (hub.get("splits") or {}).get(split, split)
+    rows = datasets.load_dataset(hub.path, hub.get("name"), split=hub_split, streaming=bool(hub.get("streaming")))
+    max_rows = hub.get("max_rows")
+    return itertools.islice(rows, max_rows) if max_rows else rows
