@@ -1,0 +1,70 @@
+"""``results.json``: what every job leaves in its output folder, for tables and plots later.
+
+``{"job", "metrics", "config" (resolved), "versions", "duration_s"}``, written atomically so a
+reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from less_exp import paths
+
+FILENAME = "results.json"
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python, the main libraries, less_exp and the checkout's git commit."""
+    import torch
+    import transformers
+
+    import less_exp
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "less_exp": less_exp.__version__,
+        "git_commit": git_commit(),
+    }
+
+
+def git_commit() -> str | None:
+    """HEAD of the source checkout (with ``-dirty`` when it has uncommitted changes), if any."""
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(paths.ROOT_DIR), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def write_results(
+    output_dir: str | Path, job: str, metrics: Mapping[str, Any], config: Mapping[str, Any], duration_s: float
+) -> Path:
+    """Write ``results.json`` into ``output_dir`` atomically; returns its path."""
+    record = {
+        "job": job,
+        "metrics": dict(metrics),
+        "config": dict(config),
+        "versions": versions(),
+        "duration_s": round(float(duration_s), 3),
+    }
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / FILENAME
+    tmp = out / f".{FILENAME}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    return target
