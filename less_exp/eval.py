@@ -1,0 +1,61 @@
+"""``less-eval``: evaluate a model, optionally compressed, on one task (``conf/eval.yaml``).
+
+The Hydra entry point is thin; :func:`evaluate` does the work and can be called with a config
+composed by hand (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from less_exp import paths, runtime, tasks
+from less_exp.models import load_model
+from less_exp.results import write_results
+from less_exp.tracking import make_tracker
+
+try:
+    from less_exp import compression
+except ImportError:
+    compression = None
+
+JOB = "eval"
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Validate, load the model, apply compression, run ``cfg.task``; write and return its metrics."""
+    started = time.perf_counter()
+    task = tasks.get(cfg.task.name)
+    runtime.validate(cfg)
+    task.validate(cfg)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+    out_dir = runtime.output_dir(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    with make_tracker(cfg.logger, config, out_dir, JOB, runtime.run_name()) as tracker:
+        model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
+        if compression is not None:
+            model = compression.apply(model, cfg)
+        metrics = task.run(model, tokenizer, cfg, tracker)
+        duration = time.perf_counter() - started
+        tracker.summary({**metrics, "duration_s": duration})
+        results = write_results(out_dir, JOB, metrics, config, duration)
+    print(f"{cfg.task.name}: " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+    print(f"results: {results}")
+    return metrics
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+@hydra.main(config_path=paths.conf_dir(), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Command line: ``less-eval [overrides]``, ``-m`` to sweep."""
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
