@@ -1,0 +1,46 @@
+"""Shared test set-up: no network, W&B offline in temporary folders, Hydra compose helper."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "TQDM_DISABLE": "1",
+    }
+)
+
+from less_exp import paths  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_dirs(tmp_path_factory):
+    """W&B's and Hydra's folders go to a temporary folder, never the user's home or outputs/."""
+    root = tmp_path_factory.mktemp("env")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+            mp.setenv(var, str(root / var.lower()))
+        mp.setenv("LESS_OUTPUT_DIR", str(root / "outputs"))
+        yield
+
+
+@pytest.fixture
+def compose_config(tmp_path):
+    """``compose_config("eval", ["model=tiny_llama"])``: a config as the job would see it.
+
+    ``paths.output_dir`` (Hydra's run folder in a real job) points at the test's ``tmp_path``.
+    """
+
+    def _compose(config_name: str = "eval", overrides: list[str] | tuple = ()):
+        with initialize_config_dir(config_dir=paths.conf_dir(), version_base="1.3", job_name=config_name):
+            return compose(config_name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+    return _compose

@@ -1,0 +1,72 @@
+"""Data loaders on the offline files, windowing, and the error that says what to set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from less_exp import data
+from less_exp.errors import ConfigError, UnavailableError
+from less_exp.tiny import byte_tokenizer
+
+
+@pytest.fixture
+def wikitext(compose_config):
+    return compose_config("eval", ["data=wikitext2"]).data
+
+
+def test_wikitext_splits_read_local_files(wikitext):
+    test = data.load_text(wikitext, "test")
+    assert test.startswith(" \n = Robert <unk> = \n") and len(test.split()) > 200_000
+    assert data.load_text(wikitext, "train") == data.load_text(wikitext, "validation") != test
+
+
+def test_xsum_records_have_input_and_target(compose_config):
+    records = data.load_records(compose_config("eval", ["data=xsum"]).data, "test")
+    assert len(records) == 1000
+    first = records[0]
+    assert first["input"].startswith("###\nArticle: ") and first["input"].endswith("in 1 sentence.\n")
+    assert first["target"] == first["summary_gt"] and first["target"]
+
+
+def test_text_set_has_no_records(wikitext):
+    with pytest.raises(ConfigError, match="load_text"):
+        data.load_records(wikitext, "test")
+
+
+def test_local_jsonl_path_override(compose_config, tmp_path):
+    path = tmp_path / "cnn.jsonl"
+    path.write_text('{"article": "A", "summary_gt": "B"}\n\n{"article": "C", "summary_gt": "D"}\n')
+    cfg = compose_config("eval", ["data=cnn_dailymail", f"data.local.files.test={path}"]).data
+    assert [(r["input"], r["target"]) for r in data.load_records(cfg, "test")] == [("A", "B"), ("C", "D")]
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "xsum", "cnn_dailymail", "c4"])
+def test_missing_data_offline_says_what_to_set(compose_config, monkeypatch, tmp_path, name):
+    monkeypatch.setenv("LESS_DATA_ROOT", str(tmp_path / "nowhere"))
+    cfg = compose_config("eval", [f"data={name}"]).data
+    with pytest.raises(UnavailableError, match="LESS_DATA_ROOT") as err:
+        data.check_available(cfg, "test")
+    assert "paths.data_root" in str(err.value) and str(tmp_path / "nowhere") in str(err.value)
+
+
+def test_unknown_split_is_rejected(wikitext):
+    with pytest.raises(ConfigError, match="split"):
+        data.load_text(wikitext, "dev")
+
+
+def test_token_windows_are_disjoint_prefix_windows():
+    tokenizer = byte_tokenizer()
+    text = "abcdefghij" * 10
+    windows = data.token_windows(tokenizer, text, seq_len=16, max_windows=None)
+    assert windows.shape == (6, 16) and windows.dtype == torch.long
+    assert windows.flatten().tolist() == list(text.encode())[:96]
+    assert tokenizer.bos_token_id not in windows
+    assert torch.equal(data.token_windows(tokenizer, text, 16, 2), windows[:2])
+
+
+def test_token_windows_reject_too_short_text():
+    with pytest.raises(ConfigError, match="fewer than one window"):
+        data.token_windows(byte_tokenizer(), "short", seq_len=16)
+    with pytest.raises(ConfigError, match="seq_len"):
+        data.token_windows(byte_tokenizer(), "short", seq_len=1)

@@ -1,0 +1,105 @@
+"""The eval job end to end on a tiny model: metrics, results.json, W&B offline run, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from less_exp import data, eval as eval_job
+from less_exp.errors import ConfigError, UnavailableError
+from less_exp.models import load_model
+from less_exp.train import train
+from wandb_records import read_run
+
+TINY = ["model=tiny_llama", "task.seq_len=64", "task.max_windows=3"]
+
+
+def test_perplexity_matches_direct_computation(compose_config, tmp_path):
+    cfg = compose_config("eval", [*TINY, "logger=none", "task.batch_size=2"])
+    metrics = eval_job.evaluate(cfg)
+    assert metrics["num_windows"] == 3 and metrics["num_tokens"] == 3 * 63
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["nll"]))
+    model, tokenizer = load_model(cfg.model)
+    windows = data.token_windows(tokenizer, data.load_text(cfg.data, "test"), 64, 3)
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss for w in windows]
+    assert metrics["nll"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["job"] == "eval" and record["metrics"] == metrics and record["duration_s"] > 0
+    assert record["config"]["model"]["config"]["max_position_embeddings"] == 2048
+    assert record["config"]["paths"]["output_dir"] == str(tmp_path)
+
+
+def test_wandb_offline_run_holds_config_and_metrics(compose_config, tmp_path):
+    cfg = compose_config("eval", [*TINY, "logger=wandb", "logger.tags=[test]"])
+    metrics = eval_job.evaluate(cfg)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_run(run_dir)
+    assert run["config"]["model"]["name"] == "tiny_llama"
+    assert run["config"]["task"] == OmegaConf.to_container(cfg.task, resolve=True)
+    assert run["config"]["paths"]["output_dir"] == str(tmp_path)
+    assert run["summary"]["perplexity"] == pytest.approx(metrics["perplexity"])
+    assert run["summary"]["num_tokens"] == metrics["num_tokens"]
+    assert [row["perplexity/running"] for row in run["history"]][-1] == pytest.approx(metrics["perplexity"])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("task.seq_len=1", "seq_len"),
+        ("task.seq_len=4096", "model.max_length"),
+        ("task.max_windows=0", "max_windows"),
+        ("task.batch_size=0", "batch_size"),
+        ("task.split=dev", "split"),
+        ("device=cuda:7", "device") if not torch.cuda.is_available() else ("device=nonsense", "device"),
+        ("seed=abc", "seed"),
+    ],
+)
+def test_bad_values_fail_before_loading(compose_config, monkeypatch, override, match):
+    monkeypatch.setattr(eval_job, "load_model", _must_not_load)
+    with pytest.raises(ConfigError, match=match):
+        eval_job.evaluate(compose_config("eval", [*TINY, "logger=none", override]))
+
+
+def test_offline_hub_model_fails_before_loading(compose_config, monkeypatch):
+    monkeypatch.setattr(eval_job, "load_model", _must_not_load)
+    with pytest.raises(UnavailableError, match="model=smollm2_135m"):
+        eval_job.evaluate(compose_config("eval", ["model=llama2_7b", "logger=none"]))
+
+
+def test_missing_data_fails_before_loading(compose_config, monkeypatch, tmp_path):
+    monkeypatch.setattr(eval_job, "load_model", _must_not_load)
+    monkeypatch.setenv("LESS_DATA_ROOT", str(tmp_path / "nowhere"))
+    with pytest.raises(UnavailableError, match="LESS_DATA_ROOT"):
+        eval_job.evaluate(compose_config("eval", [*TINY, "logger=none"]))
+
+
+def test_train_says_it_is_not_there_yet(compose_config):
+    with pytest.raises(NotImplementedError, match="issue 4"):
+        train(compose_config("train", ["model=tiny_llama", "logger=none"]))
+
+
+def test_command_line_sweep(tmp_path):
+    env = {**os.environ, "LESS_OUTPUT_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "less_exp.eval", "-m", *TINY[:2], "task.max_windows=1,2", "logger=none"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = sorted(Path(tmp_path, "multirun", "eval").glob("*/*/results.json"))
+    assert [p.parent.name for p in results] == [
+        f"{i}_model=tiny_llama,task.max_windows={i + 1},task.seq_len=64" for i in range(2)
+    ]
+    assert [json.loads(p.read_text())["metrics"]["num_windows"] for p in results] == [1, 2]
+    assert proc.stdout.count("perplexity: perplexity=") == 2
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model must not load when the config is invalid")
