@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from less_exp.compression import Compression, compression_of
-from less_exp.ops import fold, recurrent_less_step
+from less_exp.ops import attention_logits, fold, recurrent_less_step, sparse_attention
 
 
 class LessCacheLayer(CacheLayerMixin):
@@ -32,6 +32,7 @@ class LessCacheLayer(CacheLayerMixin):
         self.seen = 0
         self.decoding = False
         self.H = self.z = None
+        self._chunk = None
 
     # -- CacheLayerMixin --------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -45,8 +46,9 @@ class LessCacheLayer(CacheLayerMixin):
         self.comp.bind(self.layer_idx, self)
         if not self.decoding:
             return key_states, value_states
-        if key_states.shape[-2] != 1:
-            raise NotImplementedError("LessCache decodes one token at a time after the prefill")
+        if key_states.shape[-2] > 1:
+            self._chunk = (key_states, value_states)
+            return key_states, value_states
         self._admit(key_states, value_states)
         return self.keys, self.values
 
@@ -67,32 +69,36 @@ class LessCacheLayer(CacheLayerMixin):
     def start_from_prefill(self, key, value, budget, present, scores, valid, psi) -> None:
         """Keep what the parallel form kept after the last prompt token; fold the rest into the state."""
         self.budget = budget
-        B, Hkv, S, d = key.shape
+        B, Hkv, S, _ = key.shape
         logical = (valid.long().cumsum(-1) - 1)[:, None, :].expand(B, Hkv, S)
         self.count = valid.sum(-1)
         if self.state is not None:
             evicted = (valid[:, None, :] & ~present).to(key.dtype)
             self.H = torch.einsum("bhsf,bhsd->bhfd", psi * evicted[..., None], value)
             self.z = (psi * evicted[..., None]).sum(-2)
-        if budget.capacity is None:
-            self.keys, self.values, self.present = key, value, present
-            self.logical, self.scores = logical, scores
-        else:
-            slots = budget.capacity + 1
-            kept = min(S, budget.capacity)
-            order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices[..., :kept]
-            self.keys = key.new_zeros(B, Hkv, slots, d)
-            self.values = value.new_zeros(B, Hkv, slots, d)
-            self.present = present.new_zeros(B, Hkv, slots)
-            self.logical = logical.new_full((B, Hkv, slots), -1)
-            self.scores = scores.new_zeros(B, Hkv, slots)
-            gather = order[..., None].expand(-1, -1, -1, d)
-            self.keys[..., :kept, :] = key.gather(2, gather)
-            self.values[..., :kept, :] = value.gather(2, gather)
-            self.present[..., :kept] = present.gather(2, order)
-            self.logical[..., :kept] = logical.gather(2, order)
-            self.scores[..., :kept] = scores.gather(2, order)
+        self._compact(key, value, present, logical, scores)
         self.decoding = True
+
+    def _compact(self, keys, values, present, logical, scores) -> None:
+        """Store the present tokens in ``capacity + 1`` slots (the last one is the landing slot)."""
+        if self.budget.capacity is None:
+            self.keys, self.values, self.present, self.logical, self.scores = keys, values, present, logical, scores
+            return
+        B, Hkv, S, d = keys.shape
+        slots = self.budget.capacity + 1
+        kept = min(S, self.budget.capacity)
+        order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices[..., :kept]
+        gather = order[..., None].expand(-1, -1, -1, d)
+        self.keys = keys.new_zeros(B, Hkv, slots, d)
+        self.values = values.new_zeros(B, Hkv, slots, d)
+        self.present = present.new_zeros(B, Hkv, slots)
+        self.logical = logical.new_full((B, Hkv, slots), -1)
+        self.scores = scores.new_zeros(B, Hkv, slots)
+        self.keys[..., :kept, :] = keys.gather(2, gather)
+        self.values[..., :kept, :] = values.gather(2, gather)
+        self.present[..., :kept] = present.gather(2, order)
+        self.logical[..., :kept] = logical.gather(2, order)
+        self.scores[..., :kept] = scores.gather(2, order)
 
     # -- decoding -----------------------------------------------------------------------------
     def _admit(self, key, value) -> None:
@@ -131,6 +137,8 @@ class LessCacheLayer(CacheLayerMixin):
         self.count = self.count + 1
 
     def attend(self, query, scaling):
+        if query.shape[-2] > 1:
+            return self._attend_chunk(query, *self._chunk, scaling)
         out, probs = recurrent_less_step(
             query, self.keys, self.values, self.present, scaling, self.state, self.H, self.z
         )
@@ -138,6 +146,54 @@ class LessCacheLayer(CacheLayerMixin):
             new = self.policy.accumulate(self.scores, probs.sum(2)[..., -1, :].to(self.scores.dtype))
             self.scores = torch.where(self.present, new, self.scores)
         return out
+
+    def _attend_chunk(self, query, key, value, scaling):
+        """Several new tokens at once (chunked prefill, a new turn): the step rule over slots + chunk.
+
+        Queries see the slots and the chunk through keep-masks built token by token, and the state as
+        it was before the chunk plus every token evicted up to that query (a masked linear attention),
+        exactly as if the chunk had been decoded one token at a time.
+        """
+        self._chunk = None
+        B, Hkv, c, d = key.shape
+        N = self.keys.shape[-2]
+        keys = torch.cat([self.keys, key], dim=-2)
+        values = torch.cat([self.values, value], dim=-2)
+        present = torch.cat([self.present, self.present.new_zeros(B, Hkv, c)], dim=-1)
+        steps = torch.arange(c, device=key.device)
+        logical = torch.cat([self.logical, (self.count[:, None] + steps)[:, None, :].expand(B, Hkv, c)], dim=-1)
+        scores = torch.cat([self.scores, self.scores.new_zeros(B, Hkv, c)], dim=-1)
+        logits = attention_logits(query, keys, scaling)
+        keep = present.new_zeros(B, Hkv, c, N + c)
+        left_at = torch.full((B, Hkv, N + c), c, dtype=torch.long, device=key.device)
+        bounded = self.budget.capacity is not None
+        for j in range(c):
+            present[..., N + j] = True
+            if bounded:
+                evict, victim = self.policy.select_victims(
+                    present, logical, scores, (self.count + j)[:, None, None], self.budget
+                )
+                present.scatter_(-1, victim[..., None], present.gather(-1, victim[..., None]) & ~evict[..., None])
+                left_at.scatter_(-1, victim[..., None], torch.where(evict, j, left_at.gather(-1, victim[..., None])[..., 0])[..., None])
+            keep[:, :, j] = present
+            if self.policy.uses_scores:
+                probs = torch.softmax(logits[..., j, :].masked_fill(~present[:, :, None], -torch.inf), -1).sum(2)
+                scores = torch.where(present, self.policy.accumulate(scores, probs), scores)
+        out, lse, _ = sparse_attention(logits, keep, values)
+        if self.state is not None:
+            phi = self.state.phi(query).reshape(B, Hkv, -1, c, self.H.shape[-2])
+            psi = self.state.psi(keys)
+            gone = left_at[:, :, None, :] <= steps[None, None, :, None]
+            kernel = torch.einsum("bhgtf,bhsf->bhgts", phi, psi) * gone[:, :, None]
+            num = torch.einsum("bhgts,bhsd->bhgtd", kernel, values) + torch.einsum("bhgtf,bhfd->bhgtd", phi, self.H)
+            den = kernel.sum(-1) + torch.einsum("bhgtf,bhf->bhgt", phi, self.z)
+            out = self.state.normalizer(out, lse, num, den)
+            psi = psi * (left_at < c)[..., None]
+            self.H = self.H + torch.einsum("bhsf,bhsd->bhfd", psi, values)
+            self.z = self.z + psi.sum(-2)
+        self._compact(keys, values, present, logical, scores)
+        self.count = self.count + c
+        return out.reshape(B, -1, c, d)
 
     # -- accounting ---------------------------------------------------------------------------
     def nbytes(self) -> dict:

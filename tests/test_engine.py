@@ -158,3 +158,18 @@ def test_batched_generate_with_left_padding_matches_single_prompts():
         single = tok(prompt, return_tensors="pt")
         alone = model.generate(**single, past_key_values=LessCache(model), **kwargs)[:, single.input_ids.shape[1]:]
         assert torch.equal(together[row], alone[0])
+
+
+@pytest.mark.parametrize("policy", ["full", "sink", "h2o", "tova"])
+def test_chunked_prefill_matches_parallel(policy):
+    """Prefill, then chunks of several tokens, then single tokens: all equal the parallel form."""
+    model, _ = tiny("tiny_mistral")
+    build(model, POLICIES[policy](), states_for(model))
+    x = ids(40)
+    with torch.no_grad():
+        parallel = model(x, use_cache=False).logits
+        cache = LessCache(model)
+        bounds = [0, 9, 14, 21, 22, 30, 31, 40]
+        pieces = [model(x[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in zip(bounds, bounds[1:])]
+    torch.testing.assert_close(torch.cat(pieces, 1), parallel, atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == 40

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from less_exp import data
 from less_exp.cache import LessCache
 from less_exp.compression import compression_of
+from less_exp.errors import ConfigError
 
 
 def position_ids(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -50,14 +52,18 @@ def max_abs_logit_diff(model, input_ids, attention_mask=None, prefill: int = 1, 
     return float((parallel.float() - decoded.float()).abs().max())
 
 
-def run(model, tokenizer, cfg, tracker) -> dict:
-    from less_exp.data import load_text
-
+def validate(cfg) -> None:
     task = cfg.task
-    if compression_of(model) is None:
-        raise ValueError("task=consistency compares the LESS attention's two forms; it needs a policy other than "
-                         "full without state (e.g. policy=h2o), or feature_map set")
-    ids = tokenizer(load_text(cfg.data, task.split), return_tensors="pt").input_ids[:, : task.seq_len]
+    if cfg.policy.name == "full" and cfg.feature_map.name == "none":
+        raise ConfigError("task=consistency compares the two forms of the 'less' attention; choose a policy other "
+                          "than full (policy=h2o, ...) or a feature_map")
+    if not 1 <= task.prefill < task.seq_len:
+        raise ConfigError(f"task.prefill={task.prefill} must be in [1, task.seq_len={task.seq_len})")
+
+
+def run(model, tokenizer, cfg, tracker) -> dict:
+    task = cfg.task
+    ids = tokenizer(data.load_text(cfg.data, task.split), return_tensors="pt").input_ids[:, : task.seq_len]
     ids = ids.to(next(model.parameters()).device)
     diff = max_abs_logit_diff(model, ids, prefill=int(task.prefill), progress=True)
     metrics = {"max_abs_logit_diff": diff, "num_tokens": int(ids.shape[1]), "prefill": int(task.prefill)}

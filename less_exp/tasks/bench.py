@@ -1,0 +1,154 @@
+"""``task=bench``: decode speed and cache memory versus context length, measured side by side.
+
+Three methods share one model and one token stream: ``full`` (transformers' own sdpa attention and
+DynamicCache, the honest baseline), the configured eviction ``policy`` on a real
+:class:`LessCache`, and the same policy plus the LESS state (``less``). For every context length the
+context is prefilled in chunks, then ``decode_tokens`` greedy tokens are timed one by one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from less_exp import data
+from less_exp.cache import LessCache
+from less_exp.compression import build, compression_of, instantiate_component, make_states
+from less_exp.errors import ConfigError
+from less_exp.models import max_positions
+from less_exp.policies import Full
+from less_exp.tracking import Tracker
+
+METHODS = ("full", "policy", "less")
+
+
+def validate(cfg: DictConfig) -> None:
+    task = cfg.task
+    limit = max_positions(cfg.model)
+    lengths = list(task.context_lengths)
+    if not lengths or any(not isinstance(n, int) or n < 2 for n in lengths):
+        raise ConfigError(f"task.context_lengths={lengths} must be a non-empty list of integers >= 2")
+    if max(lengths) + task.decode_tokens > limit:
+        raise ConfigError(f"task.context_lengths up to {max(lengths)} + {task.decode_tokens} decoded tokens exceed model.max_length={limit}")
+    unknown = set(task.methods) - set(METHODS)
+    if unknown:
+        raise ConfigError(f"task.methods has {sorted(unknown)}; choose from {METHODS}")
+    policy = instantiate_component(cfg.policy)
+    if isinstance(policy, Full):
+        raise ConfigError("task=bench compares the full cache with an eviction policy: set policy=h2o, sink, ...")
+    if policy.ratio_of == "length":
+        raise ConfigError("task=bench needs a fixed budget across context lengths: use absolute counts or ratio_of=max_positions")
+    budget = policy.budget(max_positions=limit)
+    if budget.capacity >= min(lengths):
+        raise ConfigError(f"the policy keeps {budget.capacity} tokens, not fewer than the shortest context {min(lengths)}")
+    if task.decode_tokens <= task.warmup_tokens:
+        raise ConfigError("task.decode_tokens must be larger than task.warmup_tokens")
+
+
+def _cache_bytes(cache) -> int:
+    if isinstance(cache, LessCache):
+        sizes = cache.nbytes()
+        return sizes["kv"] + sizes["state"]
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+@torch.inference_mode()
+def measure(model, ids: torch.Tensor, context: int, task: DictConfig, real_cache: bool) -> dict:
+    """Prefill ``context`` tokens in chunks, then time greedy decoding."""
+    cache = LessCache(model) if real_cache else None
+    out = None
+    started = time.perf_counter()
+    for start in range(0, context, task.prefill_chunk):
+        out = model(ids[:, start : min(context, start + task.prefill_chunk)], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+    prefill_s = time.perf_counter() - started
+    token = out.logits[:, -1:].argmax(-1)
+    for step in range(task.decode_tokens):
+        if step == task.warmup_tokens:
+            started = time.perf_counter()
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    timed = task.decode_tokens - task.warmup_tokens
+    decode_s = time.perf_counter() - started
+    return {
+        "prefill_s": prefill_s,
+        "decode_ms_per_token": 1000 * decode_s / timed,
+        "decode_tokens_per_s": timed / decode_s,
+        "cache_mb": _cache_bytes(cache) / 2**20,
+    }
+
+
+def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
+    task = cfg.task
+    limit = max_positions(cfg.model)
+    lengths = sorted(task.context_lengths)
+    ids = tokenizer(data.load_text(cfg.data, task.split), return_tensors="pt").input_ids
+    need = max(lengths)
+    if ids.shape[1] < need:
+        ids = ids.repeat(1, need // ids.shape[1] + 1)
+    ids = ids[:, :need].to(next(model.parameters()).device)
+    policy = instantiate_component(cfg.policy)
+    states = compression_of(model).states if compression_of(model) is not None else None
+    if states is None:
+        less_cfg = cfg if cfg.feature_map.get("name", "none") != "none" else OmegaConf.merge(
+            cfg, {"feature_map": OmegaConf.load(_feature_map_default())}
+        )
+        states = make_states(less_cfg, model)
+    rows, metrics = [], {}
+    with tqdm(total=len(lengths) * len(task.methods), desc="bench") as bar:
+        for context in lengths:
+            for method in task.methods:
+                if method == "full":
+                    model.set_attn_implementation("sdpa")
+                else:
+                    build(model, policy, states if method == "less" else None)
+                result = measure(model, ids, context, task, real_cache=method != "full")
+                rows.append([method, context, *(round(result[k], 3) for k in sorted(result))])
+                for key, value in result.items():
+                    metrics[f"{method}/{context}/{key}"] = value
+                bar.update()
+    columns = ["method", "context", *sorted(result)]
+    tracker.log_table("bench", columns, rows)
+    for context in lengths:
+        for method in task.methods:
+            if method != "full" and "full" in task.methods:
+                metrics[f"{method}/{context}/speedup_vs_full"] = (
+                    metrics[f"{method}/{context}/decode_tokens_per_s"] / metrics[f"full/{context}/decode_tokens_per_s"]
+                )
+                metrics[f"{method}/{context}/memory_vs_full"] = (
+                    metrics[f"{method}/{context}/cache_mb"] / metrics[f"full/{context}/cache_mb"]
+                )
+        if {"policy", "less"} <= set(task.methods):
+            metrics[f"less/{context}/overhead_vs_policy"] = (
+                metrics[f"policy/{context}/decode_tokens_per_s"] / metrics[f"less/{context}/decode_tokens_per_s"] - 1
+            )
+    print(format_table(rows, columns, metrics, lengths, task.methods))
+    metrics["budget"] = policy.budget(max_positions=limit).capacity
+    metrics["state_token_equivalents"] = states.token_equivalents()
+    return metrics
+
+
+def format_table(rows, columns, metrics, lengths, methods) -> str:
+    """Markdown table of the measurements with the ratios to ``full`` beside them."""
+    head = columns + ["speedup_vs_full", "memory_vs_full"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        method, context = row[0], row[1]
+        extra = [
+            f"{metrics.get(f'{method}/{context}/speedup_vs_full', 1.0):.2f}x",
+            f"{metrics.get(f'{method}/{context}/memory_vs_full', 1.0):.3f}x",
+        ]
+        lines.append("| " + " | ".join(str(v) for v in row + extra) + " |")
+    if {"policy", "less"} <= set(methods):
+        lines.append("")
+        lines.append("LESS overhead per decoded token vs the plain policy: " + ", ".join(
+            f"{n}: {100 * metrics[f'less/{n}/overhead_vs_policy']:+.1f}%" for n in lengths))
+    return "\n".join(lines)
+
+
+def _feature_map_default():
+    from less_exp.paths import conf_dir
+
+    return f"{conf_dir()}/feature_map/less_mlp.yaml"

@@ -1,0 +1,73 @@
+"""``task=generate``: prompted generation with the real evicting cache (``model.generate``).
+
+Prompts come from ``task.prompts`` (or the first ``task.num_prompts`` records of ``task.prompt_field``
+in the data set); outputs go to ``generations.jsonl`` in the job folder and to a W&B table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from less_exp import data
+from less_exp.cache import LessCache
+from less_exp.compression import compression_of
+from less_exp.errors import ConfigError
+from less_exp.runtime import output_dir
+from less_exp.tracking import Tracker
+
+
+def validate(cfg: DictConfig) -> None:
+    task = cfg.task
+    if not task.prompts and not task.prompt_field:
+        raise ConfigError("task=generate needs task.prompts (a list) or task.prompt_field (a field of the data records)")
+    for key in ("max_new_tokens", "batch_size"):
+        if not isinstance(task[key], int) or task[key] < 1:
+            raise ConfigError(f"task.{key}={task[key]} must be a positive integer")
+    if task.do_sample and not task.temperature > 0:
+        raise ConfigError("task.temperature must be > 0 when task.do_sample=true")
+
+
+def prompts(cfg: DictConfig) -> list[str]:
+    task = cfg.task
+    if task.prompts:
+        return list(task.prompts)
+    records = data.load_records(cfg.data, task.split)[: task.num_prompts]
+    return [r[task.prompt_field] for r in records]
+
+
+def new_cache(model):
+    """A real evicting cache when compression is attached; otherwise transformers' default."""
+    return LessCache(model) if compression_of(model) is not None else None
+
+
+def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
+    task = cfg.task
+    texts = prompts(cfg)
+    device = next(model.parameters()).device
+    sampling = {"do_sample": bool(task.do_sample)}
+    if task.do_sample:
+        sampling.update(temperature=float(task.temperature), top_p=float(task.top_p))
+    rows, new_tokens, seconds = [], 0, 0.0
+    for start in tqdm(range(0, len(texts), task.batch_size), desc="generate"):
+        batch = tokenizer(texts[start : start + task.batch_size], return_tensors="pt", padding=True).to(device)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**batch, past_key_values=new_cache(model), max_new_tokens=task.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+        seconds += time.perf_counter() - began
+        generated = out[:, batch.input_ids.shape[1] :]
+        new_tokens += int((generated != tokenizer.pad_token_id).sum())
+        for prompt, ids in zip(texts[start : start + task.batch_size], generated):
+            rows.append({"prompt": prompt, "output": tokenizer.decode(ids, skip_special_tokens=True)})
+    with open(output_dir(cfg) / "generations.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tracker.log_table("generations", ["prompt", "output"], [[r["prompt"], r["output"]] for r in rows])
+    for row in rows[:3]:
+        print(f"--- {row['prompt']!r}\n{row['output']}")
+    return {"num_prompts": len(rows), "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds}
