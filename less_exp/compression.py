@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from less_exp.errors import ConfigError
 from less_exp.ops import attention_logits, parallel_less_attention
 from less_exp.policies import Budget, EvictionPolicy, Full
 from less_exp.state import LessStates
@@ -140,6 +141,39 @@ def instantiate_component(node: DictConfig, **kwargs):
     return instantiate(spec, **kwargs, _convert_="all")
 
 
+def validate(cfg: DictConfig) -> None:
+    """Check the policy, budget and state configs without a model, so mistakes surface in seconds."""
+    try:
+        policy = instantiate_component(cfg.policy)
+    except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
+        raise ConfigError(f"policy={cfg.policy.get('name')}: {_root_cause(err)}") from err
+    for group in ("gating", "reweighting"):
+        if cfg[group].get("name", "none") != "none":
+            raise ConfigError(f"{group}={cfg[group].name} is not implemented yet; use {group}=none")
+    has_state = cfg.feature_map.get("name", "none") != "none"
+    if policy.baseline_plus and not has_state:
+        raise ConfigError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
+    if has_state:
+        try:
+            instantiate_component(cfg.feature_map, head_dim=8, num_heads=1, num_kv_heads=1)
+            instantiate_component(cfg.normalizer)
+        except Exception as err:
+            raise ConfigError(f"feature_map={cfg.feature_map.name}: {_root_cause(err)}") from err
+    length = cfg.get("task", {}) and cfg.task.get("seq_len")
+    try:
+        budget = policy.budget(length=length, max_positions=int(cfg.model.max_length))
+        if length:
+            policy.check_fits(budget, int(length))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
+
+
 def make_states(cfg: DictConfig, model: torch.nn.Module) -> LessStates | None:
     """Instantiate the configured feature map and normaliser once per layer, or None for ``feature_map=none``."""
     if cfg.feature_map.get("name", "none") == "none":
@@ -171,6 +205,15 @@ def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
         return model
     build(model, policy, states, baseline_plus_tokens=extra)
     return model
+
+
+def summary(model: torch.nn.Module, cfg: DictConfig) -> dict:
+    """What a results table needs to group runs: policy, resolved budget and the state's size."""
+    comp = compression_of(model)
+    if comp is None:
+        return {"policy": "full", "budget": None, "state_token_equivalents": 0.0}
+    length = cfg.task.get("seq_len") or comp.max_positions
+    return comp.describe(int(length))
 
 
 def compression_of(model: torch.nn.Module) -> Compression | None:

@@ -11,15 +11,10 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from less_exp import paths, runtime, tasks
+from less_exp import compression, paths, runtime, tasks
 from less_exp.models import load_model
 from less_exp.results import write_results
 from less_exp.tracking import make_tracker
-
-try:
-    from less_exp import compression
-except ImportError:
-    compression = None
 
 JOB = "eval"
 
@@ -29,6 +24,7 @@ def evaluate(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     task = tasks.get(cfg.task.name)
     runtime.validate(cfg)
+    compression.validate(cfg)
     task.validate(cfg)
     runtime.seed_everything(cfg.seed)
     device = runtime.resolve_device(cfg.device)
@@ -36,9 +32,10 @@ def evaluate(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     with make_tracker(cfg.logger, config, out_dir, JOB, runtime.run_name()) as tracker:
         model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
-        if compression is not None:
-            model = compression.apply(model, cfg)
+        model = compression.apply(model, cfg)
         metrics = task.run(model, tokenizer, cfg, tracker)
+        for key, value in compression.summary(model, cfg).items():
+            metrics.setdefault(key, value)
         duration = time.perf_counter() - started
         tracker.summary({**metrics, "duration_s": duration})
         results = write_results(out_dir, JOB, metrics, config, duration)

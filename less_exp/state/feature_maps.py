@@ -68,6 +68,10 @@ class LessMLP(FeatureMap):
         per_head: bool = True,
     ):
         super().__init__()
+        if features < 1 or hidden < 1:
+            raise ValueError(f"features={features} and hidden={hidden} must be >= 1")
+        if key_scale_init <= 0 or not 0 <= dropout < 1:
+            raise ValueError(f"key_scale_init={key_scale_init} must be > 0 and dropout={dropout} in [0, 1)")
         self.num_features = features
         self.per_head = per_head
         self.hidden = hidden

@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from less_exp import data
 from less_exp.cache import LessCache
-from less_exp.compression import compression_of
 from less_exp.errors import ConfigError
 
 
@@ -66,6 +65,4 @@ def run(model, tokenizer, cfg, tracker) -> dict:
     ids = tokenizer(data.load_text(cfg.data, task.split), return_tensors="pt").input_ids[:, : task.seq_len]
     ids = ids.to(next(model.parameters()).device)
     diff = max_abs_logit_diff(model, ids, prefill=int(task.prefill), progress=True)
-    metrics = {"max_abs_logit_diff": diff, "num_tokens": int(ids.shape[1]), "prefill": int(task.prefill)}
-    metrics.update(compression_of(model).describe(ids.shape[1]))
-    return metrics
+    return {"max_abs_logit_diff": diff, "num_tokens": int(ids.shape[1]), "prefill": int(task.prefill)}
