@@ -14,7 +14,7 @@ from less_exp.tasks.consistency import decode_logits, max_abs_logit_diff
 from less_exp.tiny import build_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-FAMILIES = ["tiny_llama", "tiny_mistral", "tiny_qwen2"]
+FAMILIES = ["tiny_llama", "tiny_mistral", "tiny_qwen2", "tiny_qwen3", "tiny_gemma"]
 POLICIES = {
     "full": lambda: Full(),
     "window": lambda: Window(recent=6),
