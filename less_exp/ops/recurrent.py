@@ -11,7 +11,7 @@ from less_exp.state import LessState
 def fold(state: LessState, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, H: torch.Tensor, z: torch.Tensor):
     """Add evicted tokens to the state: ``H += psi(k) v^T``, ``z += psi(k)`` where ``mask`` ``[B, Hkv, n]`` is set."""
     psi = state.psi(key) * mask[..., None]
-    return H + torch.einsum("bhnf,bhnd->bhfd", psi, value), z + psi.sum(-2)
+    return H + torch.matmul(psi.transpose(-1, -2), value), z + psi.sum(-2)
 
 
 def recurrent_less_step(
@@ -35,7 +35,7 @@ def recurrent_less_step(
     out, lse, probs = sparse_attention(logits, present[:, :, None, :].expand(B, Hkv, Sq, -1), values)
     if state is not None:
         phi = state.phi(query).reshape(B, Hkv, Hq // Hkv, Sq, -1)
-        num = torch.einsum("bhgtf,bhfd->bhgtd", phi, H)
-        den = torch.einsum("bhgtf,bhf->bhgt", phi, z)
+        num = torch.matmul(phi, H[:, :, None])
+        den = torch.matmul(phi, z[:, :, None, :, None])[..., 0]
         out = state.normalizer(out, lse, num, den)
     return out.reshape(B, Hq, Sq, d), probs

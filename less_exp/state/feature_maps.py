@@ -42,10 +42,9 @@ class HeadwiseMLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1 = self.w1.to(x.dtype)
-        w2 = self.w2.to(x.dtype)
-        hidden = self.dropout(nn.functional.gelu(torch.einsum("bhsd,hde->bhse", x, w1.expand(x.shape[1], -1, -1))))
-        return torch.einsum("bhse,hef->bhsf", hidden, w2.expand(x.shape[1], -1, -1))
+        """``x [B, heads, S, d] -> [B, heads, S, out]``; matmul broadcasts the per-head weights."""
+        hidden = self.dropout(nn.functional.gelu(torch.matmul(x, self.w1.to(x.dtype))))
+        return torch.matmul(hidden, self.w2.to(x.dtype))
 
 
 class LessMLP(FeatureMap):
