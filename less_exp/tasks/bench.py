@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from less_exp import data
@@ -92,9 +92,10 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     policy = instantiate_component(cfg.policy)
     states = compression_of(model).states if compression_of(model) is not None else None
     if states is None:
-        less_cfg = cfg if cfg.feature_map.get("name", "none") != "none" else OmegaConf.merge(
-            cfg, {"feature_map": OmegaConf.load(_feature_map_default())}
-        )
+        less_cfg = cfg.copy()
+        if cfg.feature_map.get("name", "none") == "none":
+            with open_dict(less_cfg):
+                less_cfg.feature_map = OmegaConf.load(_feature_map_default())
         states = make_states(less_cfg, model)
     rows, metrics = [], {}
     with tqdm(total=len(lengths) * len(task.methods), desc="bench") as bar:

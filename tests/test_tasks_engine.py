@@ -1,0 +1,48 @@
+"""The engine's tasks end to end on a tiny model through the eval job."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from less_exp.errors import ConfigError
+from less_exp.eval import evaluate
+
+TINY = ["model=tiny_llama", "logger=none", "policy=h2o", "policy.heavy=8", "policy.recent=8"]
+
+
+def test_consistency_task(compose_config):
+    metrics = evaluate(compose_config("eval", [*TINY, "feature_map=less_mlp", "task=consistency",
+                                               "task.seq_len=96", "task.prefill=24"]))
+    assert metrics["max_abs_logit_diff"] < 1e-4 and metrics["num_tokens"] == 96
+
+
+def test_generate_task_writes_generations(compose_config, tmp_path):
+    metrics = evaluate(compose_config("eval", [*TINY, "task=generate", "task.max_new_tokens=24"]))
+    rows = [json.loads(line) for line in Path(tmp_path, "generations.jsonl").read_text().splitlines()]
+    assert metrics["num_prompts"] == len(rows) == 2
+    assert metrics["new_tokens"] > 0 and all(row["output"] for row in rows)
+
+
+def test_bench_task_shows_flat_memory_for_the_policy(compose_config):
+    metrics = evaluate(compose_config("eval", [*TINY, "task=bench", "task.context_lengths=[64,256]",
+                                               "task.decode_tokens=6", "task.warmup_tokens=2",
+                                               "task.prefill_chunk=64"]))
+    assert metrics["policy/64/cache_mb"] == metrics["policy/256/cache_mb"]
+    assert metrics["less/64/cache_mb"] == metrics["less/256/cache_mb"] > metrics["policy/64/cache_mb"]
+    assert metrics["full/256/cache_mb"] == pytest.approx(4 * metrics["full/64/cache_mb"], rel=0.1)
+    assert metrics["state_token_equivalents"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["task=bench", "task.context_lengths=[64]", "policy=full"], "compares the full cache"),
+        (["task=bench", "task.context_lengths=[8]"], "shortest context"),
+        (["task=consistency", "policy=full"], "policy other"),
+        (["task=consistency", "task.prefill=0"], "task.prefill"),
+    ],
+)
+def test_engine_tasks_reject_bad_configs(compose_config, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        evaluate(compose_config("eval", [*TINY, *overrides]))
