@@ -166,19 +166,33 @@ class LessCacheLayer(CacheLayerMixin):
         logits = attention_logits(query, keys, scaling)
         keep = present.new_zeros(B, Hkv, c, N + c)
         left_at = torch.full((B, Hkv, N + c), c, dtype=torch.long, device=key.device)
-        bounded = self.budget.capacity is not None
+        budget = self.budget
+        if budget.capacity is not None:
+            current = self.count[:, None, None, None] + steps[:, None]
+            ahead = logical[:, :, None, :]
+            eligible = (ahead >= budget.sink) & (ahead <= current - budget.recent)
+            over = self.present.sum(-1)[..., None] + steps + 1 > budget.capacity
+            always = over.all(0).all(0).tolist()
+        if self.policy.uses_scores:
+            seen = torch.cat([self.present[:, :, None, :].expand(B, Hkv, c, N),
+                              torch.ones(c, c, dtype=torch.bool, device=key.device).tril().expand(B, Hkv, c, c)], -1)
+            masked = logits.masked_fill(~seen[:, :, None], -torch.inf)
+            weights = (masked - masked.amax(-1, keepdim=True)).exp()
         for j in range(c):
             present[..., N + j] = True
-            if bounded:
-                evict, victim = self.policy.select_victims(
-                    present, logical, scores, (self.count + j)[:, None, None], self.budget
-                )
-                present.scatter_(-1, victim[..., None], present.gather(-1, victim[..., None]) & ~evict[..., None])
-                left_at.scatter_(-1, victim[..., None], torch.where(evict, j, left_at.gather(-1, victim[..., None])[..., 0])[..., None])
+            if budget.capacity is not None:
+                victim = scores.masked_fill(~(present & eligible[:, :, j]), torch.inf).argmin(-1, keepdim=True)
+                if always[j]:
+                    present.scatter_(-1, victim, False)
+                    left_at.scatter_(-1, victim, j)
+                else:
+                    evict = over[..., j, None]
+                    present.scatter_(-1, victim, present.gather(-1, victim) & ~evict)
+                    left_at.scatter_(-1, victim, torch.where(evict, j, left_at.gather(-1, victim)))
             keep[:, :, j] = present
             if self.policy.uses_scores:
-                probs = torch.softmax(logits[..., j, :].masked_fill(~present[:, :, None], -torch.inf), -1).sum(2)
-                scores = torch.where(present, self.policy.accumulate(scores, probs), scores)
+                w = weights[..., j, :] * present[:, :, None]
+                scores = self.policy.accumulate(scores, (w / w.sum(-1, keepdim=True)).sum(2))
         out, lse, _ = sparse_attention(logits, keep, values)
         if self.state is not None:
             phi = self.state.phi(query).reshape(B, Hkv, -1, c, self.H.shape[-2])

@@ -125,7 +125,7 @@ def build(model: torch.nn.Module, policy: EvictionPolicy, states: LessStates | N
         if len(states) != len(modules):
             raise ValueError(f"LESS state has {len(states)} layers but the model has {len(modules)}")
         param = next(model.parameters())
-        states.to(device=param.device, dtype=param.dtype)
+        states.to(device=param.device, dtype=param.dtype).train(model.training)
     register()
     model.set_attn_implementation("less")
     for m in modules:
@@ -174,9 +174,14 @@ def _root_cause(err: BaseException) -> str:
     return str(err)
 
 
-def make_states(cfg: DictConfig, model: torch.nn.Module) -> LessStates | None:
-    """Instantiate the configured feature map and normaliser once per layer, or None for ``feature_map=none``."""
-    if cfg.feature_map.get("name", "none") == "none":
+def make_states(cfg: DictConfig, model: torch.nn.Module, feature_map=None, normalizer=None) -> LessStates | None:
+    """Instantiate the feature map and normaliser once per layer, or None for ``feature_map=none``.
+
+    ``feature_map``/``normalizer`` nodes replace ``cfg``'s (a checkpoint supplies its own).
+    """
+    feature_map = cfg.feature_map if feature_map is None else feature_map
+    normalizer = cfg.normalizer if normalizer is None else normalizer
+    if feature_map.get("name", "none") == "none":
         return None
     for group in ("gating", "reweighting"):
         if cfg[group].get("name", "none") != "none":
@@ -185,17 +190,27 @@ def make_states(cfg: DictConfig, model: torch.nn.Module) -> LessStates | None:
     config = model.config
     kwargs = dict(head_dim=modules[0].head_dim, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads)
     return LessStates.build(
-        lambda: instantiate_component(cfg.feature_map, **kwargs),
-        lambda: instantiate_component(cfg.normalizer),
+        lambda: instantiate_component(feature_map, **kwargs),
+        lambda: instantiate_component(normalizer),
         len(modules),
         kwargs["head_dim"],
     )
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
-    """Set up the configured compression on ``model``; the full cache with no state stays on ``sdpa``."""
+    """Set up the configured compression on ``model``; the full cache with no state stays on ``sdpa``.
+
+    With ``cfg.checkpoint`` set the states are built as the checkpoint says and loaded from it.
+    """
     policy: EvictionPolicy = instantiate_component(cfg.policy)
-    states = make_states(cfg, model)
+    if cfg.get("checkpoint"):
+        from less_exp import checkpoints
+
+        manifest = checkpoints.check(cfg)
+        states = make_states(cfg, model, *checkpoints.state_nodes(cfg, manifest))
+        checkpoints.load_into(states, cfg.checkpoint, manifest)
+    else:
+        states = make_states(cfg, model)
     extra = 0.0
     if policy.baseline_plus:
         if states is None:

@@ -62,3 +62,11 @@ def test_bad_compression_configs_fail_before_the_model_loads(compose_config, ove
     cfg = compose_config("eval", ["model=tiny_llama", "logger=none", *overrides])
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
+
+
+def test_states_follow_the_model_mode(compose_config):
+    """Dropout in the feature map must be off when the frozen model evaluates."""
+    cfg = compose_config("eval", _small("h2o") + ["feature_map=less_mlp"])
+    model, _ = load_model(cfg.model)
+    states = compression_of(apply(model, cfg)).states
+    assert not any(m.training for m in states.modules())

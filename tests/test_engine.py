@@ -161,15 +161,18 @@ def test_batched_generate_with_left_padding_matches_single_prompts():
 
 
 @pytest.mark.parametrize("policy", ["full", "sink", "h2o", "tova"])
-def test_chunked_prefill_matches_parallel(policy):
-    """Prefill, then chunks of several tokens, then single tokens: all equal the parallel form."""
+@pytest.mark.parametrize("bounds", [[0, 9, 14, 21, 22, 30, 31, 40], [0, 3, 16, 40]], ids=["full-cache", "filling"])
+def test_chunked_prefill_matches_parallel(policy, bounds):
+    """Prefill, then chunks of several tokens, then single tokens: all equal the parallel form.
+
+    In "filling" the cache is below its budget when a chunk starts, so evictions begin mid-chunk.
+    """
     model, _ = tiny("tiny_mistral")
     build(model, POLICIES[policy](), states_for(model))
     x = ids(40)
     with torch.no_grad():
         parallel = model(x, use_cache=False).logits
         cache = LessCache(model)
-        bounds = [0, 9, 14, 21, 22, 30, 31, 40]
         pieces = [model(x[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in zip(bounds, bounds[1:])]
     torch.testing.assert_close(torch.cat(pieces, 1), parallel, atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == 40
