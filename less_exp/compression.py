@@ -127,11 +127,20 @@ def build(model: torch.nn.Module, policy: EvictionPolicy, states: LessStates | N
         param = next(model.parameters())
         states.to(device=param.device, dtype=param.dtype).train(model.training)
     register()
-    model.set_attn_implementation("less")
-    for m in modules:
+    switch(model, comp)
+    return comp
+
+
+def switch(model: torch.nn.Module, comp: Compression | None) -> None:
+    """Make ``model`` run ``comp`` (built by :func:`build` for this model), or its plain sdpa attention."""
+    if comp is None:
+        _BY_MODEL.pop(model, None)
+        model.set_attn_implementation("sdpa")
+        return
+    for m in attention_modules(model):
         _BY_MODULE[m] = comp
     _BY_MODEL[model] = comp
-    return comp
+    model.set_attn_implementation("less")
 
 
 def instantiate_component(node: DictConfig, **kwargs):

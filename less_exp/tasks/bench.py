@@ -3,11 +3,13 @@
 Three methods share one model and one token stream: ``full`` (transformers' own sdpa attention and
 DynamicCache, the honest baseline), the configured eviction ``policy`` on a real
 :class:`LessCache`, and the same policy plus the LESS state (``less``). For every context length the
-context is prefilled in chunks, then ``decode_tokens`` greedy tokens are timed one by one.
+context is prefilled in chunks, then ``decode_tokens`` greedy tokens are decoded round-robin
+across the methods and the median time per token is reported.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -16,7 +18,7 @@ from tqdm.auto import tqdm
 
 from less_exp import data
 from less_exp.cache import LessCache
-from less_exp.compression import build, compression_of, instantiate_component, make_states
+from less_exp.compression import build, compression_of, instantiate_component, make_states, switch
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.policies import Full
@@ -56,28 +58,42 @@ def _cache_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def measure(model, ids: torch.Tensor, context: int, task: DictConfig, real_cache: bool) -> dict:
-    """Prefill ``context`` tokens in chunks, then time greedy decoding."""
-    cache = LessCache(model) if real_cache else None
-    out = None
-    started = time.perf_counter()
-    for start in range(0, context, task.prefill_chunk):
-        out = model(ids[:, start : min(context, start + task.prefill_chunk)], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-    prefill_s = time.perf_counter() - started
-    token = out.logits[:, -1:].argmax(-1)
+def measure(model, ids: torch.Tensor, context: int, task: DictConfig, setups: dict) -> dict:
+    """Prefill ``context`` tokens for every method, then decode them round-robin, one token each.
+
+    Interleaving the methods token by token exposes them to the same machine load, and the median
+    per-token time ignores bursts from other processes; both matter on a shared CPU.
+    """
+    caches, tokens, prefill_s = {}, {}, {}
+    for method, comp in setups.items():
+        switch(model, comp)
+        cache = LessCache(model) if comp is not None else None
+        started = time.perf_counter()
+        for start in range(0, context, task.prefill_chunk):
+            out = model(ids[:, start : min(context, start + task.prefill_chunk)], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        prefill_s[method] = time.perf_counter() - started
+        caches[method], tokens[method] = cache, out.logits[:, -1:].argmax(-1)
+    times = {method: [] for method in setups}
     for step in range(task.decode_tokens):
-        if step == task.warmup_tokens:
+        for method, comp in setups.items():
+            switch(model, comp)
             started = time.perf_counter()
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    timed = task.decode_tokens - task.warmup_tokens
-    decode_s = time.perf_counter() - started
-    return {
-        "prefill_s": prefill_s,
-        "decode_ms_per_token": 1000 * decode_s / timed,
-        "decode_tokens_per_s": timed / decode_s,
-        "cache_mb": _cache_bytes(cache) / 2**20,
-    }
+            logits = model(tokens[method], past_key_values=caches[method], use_cache=True).logits
+            elapsed = time.perf_counter() - started
+            tokens[method] = logits[:, -1:].argmax(-1)
+            if step >= task.warmup_tokens:
+                times[method].append(elapsed)
+    results = {}
+    for method in setups:
+        median = statistics.median(times[method])
+        results[method] = {
+            "prefill_s": prefill_s[method],
+            "decode_ms_per_token": 1000 * median,
+            "decode_tokens_per_s": 1 / median,
+            "cache_mb": _cache_bytes(caches[method]) / 2**20,
+        }
+    return results
 
 
 def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
@@ -97,19 +113,15 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
             with open_dict(less_cfg):
                 less_cfg.feature_map = OmegaConf.load(_feature_map_default())
         states = make_states(less_cfg, model)
+    setups = {}
+    for method in task.methods:
+        setups[method] = None if method == "full" else build(model, policy, states if method == "less" else None)
     rows, metrics = [], {}
-    with tqdm(total=len(lengths) * len(task.methods), desc="bench") as bar:
-        for context in lengths:
-            for method in task.methods:
-                if method == "full":
-                    model.set_attn_implementation("sdpa")
-                else:
-                    build(model, policy, states if method == "less" else None)
-                result = measure(model, ids, context, task, real_cache=method != "full")
-                rows.append([method, context, *(round(result[k], 3) for k in sorted(result))])
-                for key, value in result.items():
-                    metrics[f"{method}/{context}/{key}"] = value
-                bar.update()
+    for context in tqdm(lengths, desc="bench"):
+        for method, result in measure(model, ids, context, task, setups).items():
+            rows.append([method, context, *(round(result[k], 3) for k in sorted(result))])
+            for key, value in result.items():
+                metrics[f"{method}/{context}/{key}"] = value
     columns = ["method", "context", *sorted(result)]
     tracker.log_table("bench", columns, rows)
     for context in lengths:
