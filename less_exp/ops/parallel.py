@@ -39,6 +39,7 @@ def parallel_less_attention(
     state: LessState | None = None,
     logits: torch.Tensor | None = None,
     psi: torch.Tensor | None = None,
+    sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Returns ``[B, H, S, d]``.
 
@@ -47,12 +48,17 @@ def parallel_less_attention(
         valid: ``[B, S]`` bool (False at padding) or None.
         state: the layer's LESS state, or None for the plain policy.
         logits, psi: precomputed ``attention_logits`` / ``state.psi(key)`` to avoid recomputing them.
+        sparse: precomputed ``(o_sparse, lse)`` from ``sparse_attention`` (they do not depend on the
+            state, so training computes them once per sequence); ``logits`` is then not needed.
     """
     B, H, S, d = query.shape
     Hkv = key.shape[1]
-    if logits is None:
-        logits = attention_logits(query, key, scaling)
-    out, lse, _ = sparse_attention(logits, keep, value)
+    if sparse is None:
+        if logits is None:
+            logits = attention_logits(query, key, scaling)
+        out, lse, _ = sparse_attention(logits, keep, value)
+    else:
+        out, lse = sparse
     if state is not None:
         evicted = torch.ones(S, S, dtype=torch.bool, device=query.device).tril() & ~keep
         if valid is not None:
