@@ -11,7 +11,7 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from less_exp import compression, paths, runtime, tasks
+from less_exp import checkpoints, compression, paths, runtime, tasks
 from less_exp.models import load_model
 from less_exp.results import write_results
 from less_exp.tracking import make_tracker
@@ -25,6 +25,8 @@ def evaluate(cfg: DictConfig) -> dict:
     task = tasks.get(cfg.task.name)
     runtime.validate(cfg)
     compression.validate(cfg)
+    if cfg.get("checkpoint"):
+        checkpoints.check(cfg)
     task.validate(cfg)
     runtime.seed_everything(cfg.seed)
     device = runtime.resolve_device(cfg.device)

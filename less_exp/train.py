@@ -1,24 +1,50 @@
 """``less-train``: fit the LESS state parameters of a frozen model (``conf/train.yaml``).
 
-Training modes (``conf/training/``: layerwise, progressive, e2e) arrive with issue 4; until then
-the job validates its config and stops with a clear message.
+The Hydra entry point is thin; :func:`train` does the work and can be called with a config composed
+by hand. ``training.mode`` picks the mode (:mod:`less_exp.training`); the trained states go to
+``checkpoint`` (default ``<job folder>/checkpoint``), which ``less-eval checkpoint=...`` loads.
 """
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import time
 
-from less_exp import paths, runtime
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from less_exp import compression, paths, runtime, training
+from less_exp.models import load_model
+from less_exp.results import write_results
+from less_exp.tracking import make_tracker
+
+JOB = "train"
 
 
 def train(cfg: DictConfig) -> dict:
-    """Validate the config; training itself is not implemented yet."""
+    """Validate, load the frozen model, run the training mode; write and return its metrics."""
+    started = time.perf_counter()
+    mode = training.get(cfg.training.mode)
     runtime.validate(cfg)
-    raise NotImplementedError(
-        "less-train: no training modes yet; they arrive with issue 4 (conf/training/). "
-        "Use less-eval to evaluate a policy meanwhile."
+    compression.validate(cfg)
+    mode.validate(cfg)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+    out_dir = runtime.output_dir(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    with make_tracker(cfg.logger, config, out_dir, JOB, runtime.run_name()) as tracker:
+        model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
+        metrics = mode.run(cfg, model, tokenizer, tracker, out_dir)
+        duration = time.perf_counter() - started
+        tracker.summary({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))} | {"duration_s": duration})
+        results = write_results(out_dir, JOB, metrics, config, duration)
+    print(
+        f"{cfg.training.mode}: layers done {metrics['layers_done']}/{metrics['num_layers']}, "
+        f"mean val MSE {metrics['mean_val_mse']:.4g} (plain {metrics['mean_plain_mse']:.4g}, "
+        f"Baseline+ {metrics['mean_baseline_plus_mse']:.4g})"
     )
+    print(f"checkpoint: {metrics['checkpoint']}")
+    print(f"results: {results}")
+    return metrics
 
 
 @hydra.main(config_path=paths.conf_dir(), config_name="train", version_base="1.3")

@@ -16,7 +16,6 @@ from omegaconf import OmegaConf
 from less_exp import data, eval as eval_job
 from less_exp.errors import ConfigError, UnavailableError
 from less_exp.models import load_model
-from less_exp.train import train
 from wandb_records import read_run
 
 TINY = ["model=tiny_llama", "task.seq_len=64", "task.max_windows=3"]
@@ -81,11 +80,6 @@ def test_missing_data_fails_before_loading(compose_config, monkeypatch, tmp_path
     monkeypatch.setenv("LESS_DATA_ROOT", str(tmp_path / "nowhere"))
     with pytest.raises(UnavailableError, match="LESS_DATA_ROOT"):
         eval_job.evaluate(compose_config("eval", [*TINY, "logger=none"]))
-
-
-def test_train_says_it_is_not_there_yet(compose_config):
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        train(compose_config("train", ["model=tiny_llama", "logger=none"]))
 
 
 def test_command_line_sweep(tmp_path):

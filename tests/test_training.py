@@ -1,0 +1,249 @@
+"""Layer-wise training on a tiny model: learning, resume, merging ranges, checkpoints in less-eval."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from less_exp import checkpoints, eval as eval_job, train as train_job
+from less_exp.compression import attention_modules, compression_of
+from less_exp.errors import ConfigError
+from less_exp.models import load_model
+from less_exp.ops import parallel_less_attention
+from less_exp.policies import Full
+from less_exp.training import record
+from wandb_records import read_run
+
+# key_scale_init=1 lets the tiny random model's state matter from the first step (at 1e-4 it starts as
+# the plain policy, as in the paper, and needs far more steps than a unit test takes).
+TINY = [
+    "model=tiny_llama", "logger=none", "policy=sink", "policy.recent=8",
+    "feature_map.hidden=32", "feature_map.dropout=0", "feature_map.key_scale_init=1.0",
+    "training.seq_len=64", "training.num_sequences=6", "training.epochs=4", "training.lr=3e-2",
+]
+EVAL = ["model=tiny_llama", "logger=none", "policy=sink", "policy.recent=8", "task.seq_len=64", "task.max_windows=2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run several times faster on one thread when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_train(compose_config, tmp_path):
+    def _run(*overrides, checkpoint=None):
+        ckpt = checkpoint or tmp_path / "ckpt"
+        return train_job.train(compose_config("train", [*TINY, f"checkpoint={ckpt}", *overrides]))
+
+    return _run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished two-layer checkpoint, shared by the read-only tests below."""
+    from hydra import compose, initialize_config_dir
+
+    from less_exp import paths
+
+    out = tmp_path_factory.mktemp("trained")
+    with initialize_config_dir(config_dir=paths.conf_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={out}", *TINY, "training.epochs=2"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_job.train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return out / "checkpoint"
+
+
+def _tensors(root):
+    return {layer: load_file(str(checkpoints.layer_file(root, layer))) for layer in sorted(checkpoints.done_layers(root))}
+
+
+def _assert_same_states(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for layer in ta:
+        assert ta[layer].keys() == tb[layer].keys()
+        for key in ta[layer]:
+            assert torch.equal(ta[layer][key], tb[layer][key]), f"layer {layer} {key} differs"
+
+
+def test_loss_decreases_and_beats_the_baselines(run_train, tmp_path):
+    metrics = run_train()
+    assert metrics["complete"] and metrics["layers_trained"] == [0, 1]
+    for layer in ("0", "1"):
+        m = metrics["layers"][layer]
+        assert m["val_mse"] < 0.5 * m["initial_val_mse"]
+        assert m["val_mse"] < m["plain_mse"] and m["val_mse"] < m["baseline_plus_mse"]
+        assert m["beats_baseline_plus"]
+    manifest = checkpoints.read_manifest(tmp_path / "ckpt")
+    assert manifest["layers_done"] == [0, 1] and manifest["complete"]
+    assert manifest["model"]["name"] == "tiny_llama" and manifest["budget"] == {"sink": 4, "heavy": 0, "recent": 8}
+    assert manifest["settings"]["feature_map"]["num_features"] == 8
+    history = manifest["layers"]["1"]["train_history"]
+    assert history[-1] < history[0]
+    tensors = load_file(str(checkpoints.layer_file(tmp_path / "ckpt", 0)))
+    assert all(key.startswith(("feature_map.", "normalizer.")) for key in tensors)
+    assert not list((tmp_path / "ckpt" / "progress").glob("*.pt"))
+    assert not list((tmp_path / "records").glob("layer_*/*.pt")), "records are removed once a layer is done"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["job"] == "train" and results["metrics"]["layers"]["0"]["val_mse"] == metrics["layers"]["0"]["val_mse"]
+
+
+def test_killed_job_resumes_to_the_same_checkpoint(run_train, tmp_path, monkeypatch):
+    run_train(checkpoint=tmp_path / "whole")
+    save = checkpoints.save_progress
+    calls = []
+
+    def killed_in_layer_1_epoch_3(root, layer, progress):
+        save(root, layer, progress)
+        calls.append(layer)
+        if calls.count(1) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "save_progress", killed_in_layer_1_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(checkpoint=tmp_path / "killed")
+    monkeypatch.setattr(checkpoints, "save_progress", save)
+    assert checkpoints.done_layers(tmp_path / "killed") == {0}
+    assert checkpoints.load_progress(tmp_path / "killed", 1)["epoch"] == 2
+
+    resumed = run_train(checkpoint=tmp_path / "killed")
+    assert resumed["layers_skipped"] == [0] and resumed["layers_trained"] == [1]
+    _assert_same_states(tmp_path / "whole", tmp_path / "killed")
+    whole = checkpoints.read_manifest(tmp_path / "whole")["layers"]
+    assert checkpoints.read_manifest(tmp_path / "killed")["layers"]["1"]["val_history"] == whole["1"]["val_history"]
+
+
+def test_layer_ranges_from_separate_jobs_merge(run_train, tmp_path):
+    run_train(checkpoint=tmp_path / "whole")
+    first = run_train("training.to_layer=1", checkpoint=tmp_path / "merged")
+    assert not first["complete"] and first["layers_done"] == 1
+    second = run_train("training.from_layer=1", checkpoint=tmp_path / "merged")
+    assert second["complete"] and second["layers_trained"] == [1]
+    assert checkpoints.read_manifest(tmp_path / "merged")["layers_done"] == [0, 1]
+    _assert_same_states(tmp_path / "whole", tmp_path / "merged")
+
+
+def test_a_different_setup_cannot_train_into_the_same_folder(run_train, trained):
+    with pytest.raises(ConfigError, match="policy=sink.*this job has policy=h2o"):
+        run_train("policy=h2o", "policy.heavy=4", "policy.recent=4", checkpoint=trained)
+    with pytest.raises(ConfigError, match="feature_map"):
+        run_train("feature_map.features=4", checkpoint=trained)
+
+
+def test_eval_loads_the_checkpoint(compose_config, trained):
+    cfg = compose_config("eval", [*EVAL, f"checkpoint={trained}"])
+    metrics = eval_job.evaluate(cfg)
+    plain = eval_job.evaluate(compose_config("eval", EVAL))
+    assert metrics["state_token_equivalents"] == pytest.approx(4.25)
+    assert metrics["perplexity"] != pytest.approx(plain["perplexity"], rel=1e-6)
+
+    from less_exp.compression import apply
+
+    model, _ = load_model(cfg.model)
+    states = compression_of(apply(model, cfg)).states
+    for layer, tensors in _tensors(trained).items():
+        own = states[layer].state_dict()
+        assert all(torch.equal(own[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model=tiny_qwen2"], "trained for model=tiny_llama"),
+        (["policy=h2o", "policy.heavy=4", "policy.recent=4"], "trained with policy=sink"),
+        (["policy.recent=9"], "trained with policy=sink"),
+        (["feature_map=elu1"], "holds feature_map=less_mlp"),
+        (["feature_map=less_mlp", "policy.baseline_plus=true"], "Baseline\\+"),
+    ],
+)
+def test_mismatched_checkpoint_fails_before_the_model_loads(compose_config, monkeypatch, trained, overrides, match):
+    monkeypatch.setattr(eval_job, "load_model", _must_not_load)
+    with pytest.raises(ConfigError, match=match):
+        eval_job.evaluate(compose_config("eval", [*EVAL, f"checkpoint={trained}", *overrides]))
+
+
+def test_broken_checkpoints_fail_clearly(compose_config, trained, tmp_path):
+    def evaluate(folder, *overrides):
+        return eval_job.evaluate(compose_config("eval", [*EVAL, f"checkpoint={folder}", *overrides]))
+
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        evaluate(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="settings"):
+        evaluate(trained, "feature_map=less_mlp", "feature_map.hidden=16")
+
+    missing = shutil.copytree(trained, tmp_path / "missing")
+    checkpoints.layer_file(missing, 1).unlink()
+    with pytest.raises(ConfigError, match=r"lacks layers \[1\]"):
+        evaluate(missing)
+
+    corrupt = shutil.copytree(trained, tmp_path / "corrupt")
+    path = checkpoints.layer_file(corrupt, 0)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="layer_000.safetensors is unreadable"):
+        evaluate(corrupt)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["training.mode=progressive"], "not implemented yet"),
+        (["feature_map=none"], "feature_map"),
+        (["policy=full"], "evicts nothing"),
+        (["training.val_fraction=0"], "val_fraction"),
+        (["training.seq_len=8"], "not smaller than the sequence"),
+        (["training.from_layer=1", "training.to_layer=1"], "from_layer"),
+        (["training.record_dtype=int8"], "record_dtype"),
+    ],
+)
+def test_bad_training_configs_fail_before_the_model_loads(compose_config, monkeypatch, overrides, match):
+    monkeypatch.setattr(train_job, "load_model", _must_not_load)
+    base = [o for o in TINY if not o.startswith("feature_map.")] if "feature_map=none" in overrides else TINY
+    with pytest.raises(ConfigError, match=match):
+        train_job.train(compose_config("train", [*base, *overrides]))
+
+
+def test_layer_range_past_the_model_fails(run_train):
+    with pytest.raises(ConfigError, match="to_layer=3 but the model has 2 layers"):
+        run_train("training.to_layer=3")
+
+
+def test_records_reproduce_the_attention_output(compose_config, tmp_path):
+    """o_proj(full attention over the recorded q, k, v) is the recorded O: the records are what the model computed."""
+    cfg = compose_config("train", TINY)
+    model, _ = load_model(cfg.model)
+    windows = torch.randint(0, 256, (3, 32))
+    record.record_layers(model, windows, [0, 1], tmp_path, torch.float32, {"test": 1}, batch_size=2)
+    assert model.config._attn_implementation == "sdpa"
+    module = attention_modules(model)[1]
+    rec = torch.load(record.sequence_file(tmp_path, 1, 2))
+    keep, _, _ = Full().keep_mask(Full().budget(), torch.ones(1, 32, dtype=torch.bool), 2)
+    out = parallel_less_attention(rec["q"][None], rec["k"][None], rec["v"][None], keep, None, module.scaling)
+    o = module.o_proj(out.transpose(1, 2).reshape(1, 32, -1))[0]
+    torch.testing.assert_close(o, rec["o"], atol=1e-5, rtol=1e-4)
+
+
+def test_wandb_gets_per_layer_errors(compose_config, tmp_path):
+    cfg = compose_config("train", [*TINY, "logger=wandb", "training.epochs=1"])
+    train_job.train(cfg)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    history = read_run(run_dir)["history"]
+    assert any("layer_001/val_mse" in row for row in history)
+    rows = [row for row in history if "layers/baseline_plus_mse" in row]
+    assert [row["layer"] for row in rows] == [0, 1]
+    assert all("layers/plain_mse" in row and "layers/val_mse" in row for row in rows)
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model must not load when the config is invalid")
