@@ -61,6 +61,24 @@ class LessCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    _PER_ROW = ("keys", "values", "present", "logical", "scores", "H", "z", "count")
+
+    def _map_rows(self, fn) -> None:
+        for name in self._PER_ROW:
+            tensor = getattr(self, name, None)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: every per-row tensor follows the beams, the state and scores included."""
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_rows(lambda t: t[indices])
+
     def reset(self) -> None:
         self.keys = self.values = self.H = self.z = None
         self.seen, self.decoding, self.is_initialized = 0, False, False

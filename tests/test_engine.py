@@ -176,3 +176,35 @@ def test_chunked_prefill_matches_parallel(policy, bounds):
         pieces = [model(x[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in zip(bounds, bounds[1:])]
     torch.testing.assert_close(torch.cat(pieces, 1), parallel, atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == 40
+
+
+def test_beam_search_reorders_the_whole_cache():
+    """Beam scores from the real cache must equal the parallel form's log-probability of each beam."""
+    model, _ = tiny("tiny_llama")
+    build(model, H2O(heavy=2, recent=2), states_for(model))
+    prompt = ids(12)
+    out = model.generate(prompt, past_key_values=LessCache(model), num_beams=3, num_return_sequences=3,
+                         max_new_tokens=24, min_new_tokens=24, do_sample=False, length_penalty=0.0,
+                         return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(out.sequences, use_cache=False).logits[:, 11:-1], -1)
+    parallel = logp.gather(-1, out.sequences[:, 12:, None])[..., 0].sum(-1)
+    torch.testing.assert_close(out.sequences_scores, parallel, atol=1e-4, rtol=1e-4)
+
+
+def test_reorder_moves_every_per_row_tensor():
+    """Swap two rows of a filled cache: decoding must continue each row's own history, state included."""
+    model, _ = tiny("tiny_llama")
+    build(model, H2O(heavy=2, recent=2), states_for(model))
+    a, b, nxt = ids(20, seed=3), ids(20, seed=4), ids(1, seed=5)
+    with torch.no_grad():
+        cache = LessCache(model)
+        model(torch.cat([a, b]), past_key_values=cache, use_cache=True)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        swapped = model(torch.cat([nxt, nxt]), past_key_values=cache, use_cache=True).logits
+        alone = []
+        for row in (b, a):
+            single = LessCache(model)
+            model(row, past_key_values=single, use_cache=True)
+            alone.append(model(nxt, past_key_values=single, use_cache=True).logits)
+    torch.testing.assert_close(swapped, torch.cat(alone), atol=1e-5, rtol=1e-5)
