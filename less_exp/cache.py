@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from less_exp.compression import Compression, compression_of
 from less_exp.ops import attention_logits, fold, recurrent_less_step, sparse_attention
+from less_exp.ops.parallel import masked_state_readout
 
 
 class LessCacheLayer(CacheLayerMixin):
@@ -92,7 +93,7 @@ class LessCacheLayer(CacheLayerMixin):
         self.count = valid.sum(-1)
         if self.state is not None:
             evicted = (valid[:, None, :] & ~present).to(key.dtype)
-            self.H = torch.einsum("bhsf,bhsd->bhfd", psi * evicted[..., None], value)
+            self.H = torch.matmul((psi * evicted[..., None]).transpose(-1, -2), value)
             self.z = (psi * evicted[..., None]).sum(-2)
         self._compact(key, value, present, logical, scores)
         self.decoding = True
@@ -216,12 +217,12 @@ class LessCacheLayer(CacheLayerMixin):
             phi = self.state.phi(query).reshape(B, Hkv, -1, c, self.H.shape[-2])
             psi = self.state.psi(keys)
             gone = left_at[:, :, None, :] <= steps[None, None, :, None]
-            kernel = torch.einsum("bhgtf,bhsf->bhgts", phi, psi) * gone[:, :, None]
-            num = torch.einsum("bhgts,bhsd->bhgtd", kernel, values) + torch.einsum("bhgtf,bhfd->bhgtd", phi, self.H)
-            den = kernel.sum(-1) + torch.einsum("bhgtf,bhf->bhgt", phi, self.z)
+            num, den = masked_state_readout(phi, psi, values, gone)
+            num = num + torch.matmul(phi, self.H[:, :, None])
+            den = den + torch.matmul(phi, self.z[:, :, None, :, None])[..., 0]
             out = self.state.normalizer(out, lse, num, den)
             psi = psi * (left_at < c)[..., None]
-            self.H = self.H + torch.einsum("bhsf,bhsd->bhfd", psi, values)
+            self.H = self.H + torch.matmul(psi.transpose(-1, -2), values)
             self.z = self.z + psi.sum(-2)
         self._compact(keys, values, present, logical, scores)
         self.count = self.count + c

@@ -65,7 +65,15 @@ def parallel_less_attention(
             evicted = evicted & valid[:, None, None, :] & valid[:, None, :, None]
         phi = state.phi(query).reshape(B, Hkv, H // Hkv, S, -1)
         psi = state.psi(key) if psi is None else psi
-        kernel = torch.einsum("bhgtf,bhsf->bhgts", phi, psi) * evicted[:, :, None]
-        num = torch.einsum("bhgts,bhsd->bhgtd", kernel, value)
-        out = state.normalizer(out, lse, num, kernel.sum(-1))
+        out = state.normalizer(out, lse, *masked_state_readout(phi, psi, value, evicted))
     return out.reshape(B, H, S, d)
+
+
+def masked_state_readout(phi: torch.Tensor, psi: torch.Tensor, value: torch.Tensor, evicted: torch.Tensor):
+    """``phi(q_t)^T H_t`` and ``phi(q_t)^T z_t`` with ``H_t, z_t`` summed over ``evicted[b, h, t, s]``.
+
+    ``phi [B, Hkv, G, q, D']``, ``psi [B, Hkv, k, D']``, ``value [B, Hkv, k, d]``; returns
+    ``(num [B, Hkv, G, q, d], den [B, Hkv, G, q])``: a linear attention restricted to evicted keys.
+    """
+    kernel = torch.matmul(phi, psi[:, :, None].transpose(-1, -2)) * evicted[:, :, None]
+    return torch.matmul(kernel, value[:, :, None]), kernel.sum(-1)
