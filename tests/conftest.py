@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 os.environ.update(
@@ -15,8 +16,10 @@ os.environ.update(
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
     }
 )
+torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation, worst on a busy machine
 
 from less_exp import paths  # noqa: E402
 

@@ -39,11 +39,13 @@ class HeadwiseMLP(nn.Module):
         for w in (self.w1, self.w2):
             bound = 1.0 / math.sqrt(w.shape[1])
             nn.init.uniform_(w, -bound, bound)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, heads, S, d] -> [B, heads, S, out]``; matmul broadcasts the per-head weights."""
-        hidden = self.dropout(nn.functional.gelu(torch.matmul(x, self.w1.to(x.dtype))))
+        hidden = nn.functional.gelu(torch.matmul(x, self.w1.to(x.dtype)))
+        if self.training and self.dropout > 0:
+            hidden = nn.functional.dropout(hidden, self.dropout)
         return torch.matmul(hidden, self.w2.to(x.dtype))
 
 

@@ -10,18 +10,16 @@ class JointNormalizer(nn.Module):
     """LESS: one softmax-like denominator over the kept tokens and the state.
 
     ``o = (A + phi^T H) / (B + phi^T z)`` where ``A / B = o_sparse`` and ``log B = lse``; computed as
-    ``w_s * o_sparse + w_h * (phi^T H / phi^T z)`` with weights from a log-space ``logaddexp`` so that
-    large logits never overflow. Where the state is empty (``den == 0``) the output is ``o_sparse``.
+    ``w_s * o_sparse + (w_h / den) * num`` with ``w_s = B / total``, ``w_h = den / total`` taken from a
+    log-space ``logaddexp`` so that large logits never overflow. An empty state (``den == 0``, hence
+    ``num == 0``) contributes exactly nothing; clamping ``den`` only keeps its logarithm finite.
     """
 
     def forward(self, o_sparse: torch.Tensor, lse: torch.Tensor, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-        has_state = den > 0
-        log_den = torch.where(has_state, den, 1.0).log()
-        total = torch.logaddexp(lse, torch.where(has_state, log_den, -torch.inf))
-        w_sparse = (lse - total).exp()
-        w_state = torch.where(has_state, (log_den - total).exp(), 0.0)
-        mean_state = num / torch.where(has_state, den, 1.0)[..., None]
-        return w_sparse[..., None] * o_sparse + w_state[..., None] * mean_state
+        den = den.clamp_min(1e-30)
+        log_den = den.log()
+        total = torch.logaddexp(lse, log_den)
+        return (lse - total).exp()[..., None] * o_sparse + ((log_den - total).exp() / den)[..., None] * num
 
     def settings(self) -> dict:
         return {"name": "joint"}
