@@ -6,22 +6,17 @@ composed by hand (tests, notebooks).
 
 from __future__ import annotations
 
-import time
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from less_exp import checkpoints, compression, paths, runtime, tasks
 from less_exp.models import load_model
-from less_exp.results import write_results
-from less_exp.tracking import make_tracker
 
 JOB = "eval"
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Validate, load the model, apply compression, run ``cfg.task``; write and return its metrics."""
-    started = time.perf_counter()
     task = tasks.get(cfg.task.name)
     runtime.validate(cfg)
     compression.validate(cfg)
@@ -30,17 +25,13 @@ def evaluate(cfg: DictConfig) -> dict:
     task.validate(cfg)
     runtime.seed_everything(cfg.seed)
     device = runtime.resolve_device(cfg.device)
-    out_dir = runtime.output_dir(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    with make_tracker(cfg.logger, config, out_dir, JOB, runtime.run_name()) as tracker:
+    with runtime.Job(cfg, JOB) as job:
         model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
         model = compression.apply(model, cfg)
-        metrics = task.run(model, tokenizer, cfg, tracker)
+        metrics = task.run(model, tokenizer, cfg, job.tracker)
         for key, value in compression.summary(model, cfg).items():
             metrics.setdefault(key, value)
-        duration = time.perf_counter() - started
-        tracker.summary({**metrics, "duration_s": duration})
-        results = write_results(out_dir, JOB, metrics, config, duration)
+        results = job.finish(metrics)
     print(f"{cfg.task.name}: " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
     print(f"results: {results}")
     return metrics

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from less_exp import models
 from less_exp.errors import ConfigError
+from less_exp.results import write_results
+from less_exp.tracking import make_tracker
 
 
 def validate(cfg: DictConfig) -> None:
@@ -55,3 +58,32 @@ def run_name() -> str | None:
     if not HydraConfig.initialized():
         return None
     return HydraConfig.get().job.override_dirname or None
+
+
+class Job:
+    """What every job does around its work: the output folder, the resolved config, the tracker,
+    the clock, and ``results.json`` at the end.
+
+    ``with Job(cfg, "eval") as job: ...; job.finish(metrics)``; ``job.tracker`` logs on the way.
+    """
+
+    def __init__(self, cfg: DictConfig, name: str):
+        self.cfg, self.name = cfg, name
+        self.started = time.perf_counter()
+        self.out_dir = output_dir(cfg)
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.tracker = make_tracker(cfg.logger, self.config, self.out_dir, name, run_name())
+
+    def __enter__(self) -> "Job":
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.tracker.__exit__(exc_type, exc, tb)
+
+    def finish(self, metrics: dict) -> Path:
+        """Log the scalar metrics as the run's summary and write ``results.json``; returns its path."""
+        duration = time.perf_counter() - self.started
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+        self.tracker.summary({**scalars, "duration_s": duration})
+        return write_results(self.out_dir, self.name, metrics, self.config, duration)

@@ -7,36 +7,27 @@ by hand. ``training.mode`` picks the mode (:mod:`less_exp.training`); the traine
 
 from __future__ import annotations
 
-import time
-
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from less_exp import compression, paths, runtime, training
 from less_exp.models import load_model
-from less_exp.results import write_results
-from less_exp.tracking import make_tracker
 
 JOB = "train"
 
 
 def train(cfg: DictConfig) -> dict:
     """Validate, load the frozen model, run the training mode; write and return its metrics."""
-    started = time.perf_counter()
     mode = training.get(cfg.training.mode)
     runtime.validate(cfg)
     compression.validate(cfg)
     mode.validate(cfg)
     runtime.seed_everything(cfg.seed)
     device = runtime.resolve_device(cfg.device)
-    out_dir = runtime.output_dir(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    with make_tracker(cfg.logger, config, out_dir, JOB, runtime.run_name()) as tracker:
+    with runtime.Job(cfg, JOB) as job:
         model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
-        metrics = mode.run(cfg, model, tokenizer, tracker, out_dir)
-        duration = time.perf_counter() - started
-        tracker.summary({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))} | {"duration_s": duration})
-        results = write_results(out_dir, JOB, metrics, config, duration)
+        metrics = mode.run(cfg, model, tokenizer, job.tracker, job.out_dir)
+        results = job.finish(metrics)
     print(
         f"{cfg.training.mode}: layers done {metrics['layers_done']}/{metrics['num_layers']}, "
         f"mean val MSE {metrics['mean_val_mse']:.4g} (plain {metrics['mean_plain_mse']:.4g}, "
