@@ -39,9 +39,13 @@ def progress_file(root: Path, layer: int) -> Path:
 
 
 def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename, with the umask's permissions (safetensors creates files 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

@@ -217,6 +217,8 @@ def test_bad_training_configs_fail_before_the_model_loads(compose_config, monkey
 def test_layer_range_past_the_model_fails(run_train):
     with pytest.raises(ConfigError, match="to_layer=3 but the model has 2 layers"):
         run_train("training.to_layer=3")
+    with pytest.raises(ConfigError, match="from_layer=5, to_layer=2 but the model has 2 layers"):
+        run_train("training.from_layer=5")
 
 
 def test_records_reproduce_the_attention_output(compose_config, tmp_path):

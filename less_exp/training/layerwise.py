@@ -3,14 +3,14 @@
 For every layer in ``training.from_layer <= l < training.to_layer`` the frozen full-cache model's
 Q, K, V and attention output O are recorded (:mod:`less_exp.training.record`), and that layer's
 state parameters are fitted so that ``o_proj(LESS output)`` matches O: MSE over the positions where
-the policy has evicted something, Adam with a step schedule, best epoch by validation MSE.
+the policy has evicted something, Adam with a step schedule, best epoch by validation MSE (the
+untrained state, which acts as the plain policy, counts as epoch 0).
 
 Everything that does not depend on the state (the policy's keep-mask, the sparse attention and its
 log-sum-exp, the eviction events) is computed once per sequence before the first epoch, and the state
 part runs in the cumulative form (:mod:`less_exp.ops.cumulative`), which never builds an ``S x S``
-kernel. Validation also reports the
-plain policy's MSE and Baseline+'s (the plain policy given the state's size in extra tokens), so each
-layer shows whether the state beats equal memory.
+kernel. Validation also reports the plain policy's MSE and Baseline+'s (the plain policy given the
+state's size in extra tokens), so each layer shows whether the state beats equal memory.
 
 Layers are independent: each is seeded from ``(seed, layer, epoch)`` alone, so splitting the range
 across jobs, or resuming a killed job from its last finished epoch, gives the same parameters.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import math
 import shutil
 import time
 from pathlib import Path
@@ -85,8 +84,10 @@ def _layer_range(t: DictConfig, num_layers: int | None) -> list[int]:
     if num_layers is None:
         return []
     stop = num_layers if stop is None else stop
-    if stop > num_layers:
-        raise ConfigError(f"training.to_layer={stop} but the model has {num_layers} layers (to_layer is exclusive)")
+    if stop > num_layers or start >= stop:
+        raise ConfigError(
+            f"training.from_layer={start}, to_layer={stop} but the model has {num_layers} layers (to_layer is exclusive)"
+        )
     return list(range(start, stop))
 
 
@@ -113,6 +114,8 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
         windows = data.token_windows(tokenizer, data.load_text(cfg.data, t.split), t.seq_len, t.num_sequences)
         if len(windows) < 2:
             raise ConfigError(f"data={cfg.data.name} split={t.split} has only {len(windows)} window of {t.seq_len} tokens")
+        if len(windows) < t.num_sequences:
+            print(f"less-train: data={cfg.data.name} split={t.split} holds {len(windows)} of the {t.num_sequences} sequences")
         train_idx, val_idx = split(len(windows), float(t.val_fraction), cfg.seed)
         fingerprint = {
             "model": cfg.model.name,
@@ -247,7 +250,7 @@ class LayerFit:
         progress = checkpoints.load_progress(self.root, layer)
         if progress is None:
             initial = self.evaluate(state, o_proj, val_files)
-            progress = {"epoch": 0, "history": [], "initial_val_mse": initial, "best_val_mse": math.inf,
+            progress = {"epoch": 0, "history": [], "initial_val_mse": initial, "best_val_mse": initial,
                         "best_epoch": 0, "best_state": _copy(state.state_dict()), "elapsed_s": 0.0}
         else:
             state.load_state_dict(progress["state"])
