@@ -1,0 +1,368 @@
+"""``less-report PATH...``: every ``results.json`` under run or sweep folders as one report.
+
+The report is ``report.md`` (one markdown table per task, rows grouped by model, policy, budget and
+state config) plus PNG plots (metric versus budget per method, one passkey heatmap per passkey run),
+and, with ``--logger wandb``, the same tables and images in a W&B run. Runs that share a row's
+settings are kept as separate rows (the ``run`` column tells them apart); the plots average them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from less_exp.results import FILENAME
+
+log = logging.getLogger(__name__)
+
+TRAIN = "train"
+SUMMARY_KEYS = ("policy", "budget", "sink", "heavy", "recent", "state_token_equivalents")
+STATE_DEFAULTS = {"gating": "none", "reweighting": "none", "normalizer": "joint"}
+HARNESS_COLUMNS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "num_samples", "num_skipped")
+# Metric columns per task, as fnmatch patterns; a task not listed shows all its scalar metrics.
+TASK_COLUMNS = {
+    "perplexity": ("perplexity", "nll", "num_tokens"),
+    "wikitext_harness": HARNESS_COLUMNS,
+    "harness": HARNESS_COLUMNS,
+    "xsum": ROUGE_COLUMNS,
+    "cnn_dailymail": ROUGE_COLUMNS,
+    "passkey": ("accuracy", "accuracy@*", "num_prompts"),
+    "consistency": ("max_abs_logit_diff",),
+    "generate": ("tokens_per_s", "num_prompts", "new_tokens"),
+    "bench": ("*/speedup_vs_full", "*/memory_vs_full"),
+    TRAIN: ("layers_done", "num_layers", "mean_val_mse", "mean_plain_mse", "mean_baseline_plus_mse"),
+}
+# Metrics plotted against the budget when --metric is not given.
+TASK_PLOTS = {
+    "perplexity": ("perplexity",),
+    "wikitext_harness": ("word_perplexity",),
+    "harness": ("word_perplexity",),
+    "xsum": ("rouge1", "rouge2", "rougeL"),
+    "cnn_dailymail": ("rouge1", "rouge2", "rougeL"),
+    "passkey": ("accuracy",),
+}
+LEAD_COLUMNS = ("model", "method", "budget", "state (token-eq.)", "memory (tokens)")
+
+
+class NoResultsError(FileNotFoundError):
+    """Nothing to report: a PATH does not exist, or no readable ``results.json`` lies under them."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``results.json``, reduced to what a report row and a plot need."""
+
+    name: str
+    job: str
+    model: str
+    task: str
+    policy: str
+    method: str
+    budget: int | None
+    state_tokens: float
+    metrics: Mapping[str, Any]
+    passkey_grid: Mapping[str, Any] | None = None
+
+    @property
+    def memory(self) -> int | None:
+        """Tokens the cache holds: the budget plus the state's size rounded to whole tokens."""
+        return None if self.budget is None else self.budget + round(self.state_tokens)
+
+    def sort_key(self) -> tuple:
+        return (self.model, self.policy != "full", self.policy, -1 if self.budget is None else self.budget, self.method, self.name)
+
+
+@dataclass
+class Table:
+    """A task's table: raw ``values`` (for W&B) and the same rows as markdown ``cells``."""
+
+    task: str
+    columns: list[str]
+    values: list[list[Any]]
+    cells: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = [_md_row(self.columns), _md_row(["---"] * len(self.columns))]
+        return "\n".join(lines + [_md_row(row) for row in self.cells])
+
+
+@dataclass
+class Report:
+    """What :func:`make_report` wrote: ``report.md``, the plots (heatmaps among them) and the W&B run."""
+
+    out_dir: Path
+    markdown: str
+    runs: list[Run]
+    tables: list[Table]
+    plots: list[Path] = field(default_factory=list)
+    heatmaps: list[Path] = field(default_factory=list)
+    wandb_run_dir: Path | None = None
+
+
+# ------------------------------------------------------------------------------ reading
+def find_results(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """``(results.json, the PATH it was found under)`` for every file under ``paths``, each once."""
+    found, seen = [], set()
+    for root in map(Path, paths):
+        if not root.exists():
+            raise NoResultsError(f"{root} does not exist")
+        files = [root] if root.is_file() else sorted(root.rglob(FILENAME))
+        for file in files:
+            if file.resolve() not in seen:
+                seen.add(file.resolve())
+                found.append((file, root))
+    return found
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every readable run under ``paths``; unreadable or foreign files are logged and skipped."""
+    runs = []
+    for file, root in find_results(paths):
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+            runs.append(to_run(record, _run_name(file, root)))
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            log.warning("skipping %s: %s", file, err)
+    return runs
+
+
+def to_run(record: Mapping[str, Any], name: str) -> Run:
+    """The :class:`Run` of one ``results.json`` record; ``ValueError`` when it is not one."""
+    if not isinstance(record, Mapping) or record.get("job") not in ("eval", TRAIN):
+        raise ValueError("not an eval or train results.json")
+    metrics, config = record.get("metrics"), record.get("config")
+    if not isinstance(metrics, Mapping) or not isinstance(config, Mapping):
+        raise ValueError("results.json without metrics or config")
+    job = record["job"]
+    policy = metrics.get("policy") if job == "eval" and isinstance(metrics.get("policy"), str) else _name(config, "policy")
+    state_tokens = metrics.get("state_token_equivalents", 0.0)
+    grid = metrics.get("passkey_grid")
+    return Run(
+        name=name,
+        job=job,
+        model=_name(config, "model"),
+        task=TRAIN if job == TRAIN else _name(config, "task"),
+        policy=policy,
+        method=method_label(config, policy, loads_checkpoint=job == "eval"),
+        budget=_budget(metrics, config, policy),
+        state_tokens=float(state_tokens) if _is_number(state_tokens) else 0.0,
+        metrics={k: v for k, v in metrics.items() if _is_scalar(v)},
+        passkey_grid=grid if isinstance(grid, Mapping) else None,
+    )
+
+
+def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool = True) -> str:
+    """``h2o``, ``h2o+less_mlp``, ``sink+less_mlp(ckpt)``, ``sink(baseline+)``, ``full``.
+
+    A state config other than the defaults (gating, re-weighting none; normaliser joint) is
+    added in brackets; ``(ckpt)`` marks states loaded from ``checkpoint`` (``loads_checkpoint``
+    is false for train jobs, whose checkpoint is their output). A checkpoint run that left
+    ``feature_map=none`` is named by the checkpoint's manifest when it can be read.
+    """
+    if policy == "full":
+        return "full"
+    if (config.get("policy") or {}).get("baseline_plus"):
+        return f"{policy}(baseline+)"
+    feature_map = _name(config, "feature_map")
+    checkpoint = config.get("checkpoint") if loads_checkpoint else None
+    if feature_map == "none" and checkpoint:
+        feature_map = _checkpoint_feature_map(config, checkpoint)
+    if feature_map == "none":
+        return policy
+    others = [f"{group}={name}" for group, default in STATE_DEFAULTS.items() if (name := _name(config, group, default)) != default]
+    return policy + f"+{feature_map}" + (f"[{','.join(others)}]" if others else "") + ("(ckpt)" if checkpoint else "")
+
+
+def _checkpoint_feature_map(config: Mapping[str, Any], checkpoint: str) -> str:
+    """The feature map a checkpoint brought (the run left ``feature_map=none``), or ``state``."""
+    path = Path(checkpoint)
+    if not path.is_absolute():
+        path = Path((config.get("paths") or {}).get("root_dir") or ".") / path
+    try:
+        return json.loads((path / "manifest.json").read_text())["feature_map"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "state"
+
+
+def _budget(metrics: Mapping[str, Any], config: Mapping[str, Any], policy: str) -> int | None:
+    """The resolved capacity; results.json from before it was recorded fall back to the config's counts."""
+    if policy == "full":
+        return None
+    if _is_number(metrics.get("budget")):
+        return int(metrics["budget"])
+    counts = [(config.get("policy") or {}).get(key) or 0 for key in ("sink", "heavy", "recent")]
+    return sum(counts) if all(isinstance(c, int) for c in counts) else None
+
+
+def _name(config: Mapping[str, Any], group: str, default: str = "?") -> str:
+    value = config.get(group)
+    return str(value.get("name", default)) if isinstance(value, Mapping) else default
+
+
+def _run_name(file: Path, root: Path) -> str:
+    run_dir = file.parent
+    base = root.parent if root.is_dir() else root.parent.parent
+    return os.path.relpath(run_dir, base)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
+# ------------------------------------------------------------------------------ tables
+def task_columns(task: str, runs: Sequence[Run], extra: Sequence[str] = ()) -> list[str]:
+    """The metric columns of ``task``'s table: its listed patterns (or every scalar) plus ``extra``."""
+    present: list[str] = []
+    for run in runs:
+        present += [k for k in run.metrics if k not in present and k not in SUMMARY_KEYS]
+    patterns = TASK_COLUMNS.get(task)
+    if patterns is None:
+        chosen = [k for k in present if any(_is_number(r.metrics.get(k)) for r in runs)]
+    else:
+        chosen = [k for p in patterns for k in present if fnmatchcase(k, p)]
+    return list(dict.fromkeys(chosen + [k for k in extra if k in present]))
+
+
+def build_tables(runs: Sequence[Run], extra: Sequence[str] = ()) -> list[Table]:
+    """One table per task (eval tasks by name, then training), rows in :meth:`Run.sort_key` order."""
+    tasks = sorted({r.task for r in runs}, key=lambda t: (t == TRAIN, t))
+    tables = []
+    for task in tasks:
+        rows = sorted((r for r in runs if r.task == task), key=Run.sort_key)
+        metrics = task_columns(task, rows, extra)
+        table = Table(task, [*LEAD_COLUMNS, *metrics, "run"], [], [])
+        for run in rows:
+            lead = [run.model, run.method, run.budget, round(run.state_tokens, 4), run.memory]
+            values = [*lead, *(run.metrics.get(m) for m in metrics), run.name]
+            table.values.append(values)
+            cap = "full" if run.policy == "full" else "?"
+            table.cells.append(
+                [run.model, run.method, _cell(run.budget, cap), _cell(run.state_tokens), _cell(run.memory, cap)]
+                + [_cell(run.metrics.get(m)) for m in metrics]
+                + [run.name]
+            )
+        tables.append(table)
+    return tables
+
+
+def _cell(value: Any, missing: str = "") -> str:
+    if value is None:
+        return missing
+    if isinstance(value, float):
+        if math.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e6:
+            return f"{value:.3e}"
+        return f"{value:.4f}".rstrip("0").rstrip(".") if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+# ------------------------------------------------------------------------------ the report
+def make_report(
+    paths: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    metrics: Sequence[str] = (),
+    logger: str = "none",
+    project: str | None = None,
+) -> Report:
+    """Read every run under ``paths``; write ``report.md`` and the PNGs into ``out_dir``.
+
+    ``out_dir`` defaults to ``<first PATH>/report``; ``metrics`` replace each task's plotted
+    metrics and join its columns; ``logger="wandb"`` also logs the tables and images to W&B.
+    """
+    from less_exp import report_plots
+
+    if not paths:
+        raise NoResultsError("no PATH given")
+    runs = load_runs(paths)
+    if not runs:
+        raise NoResultsError(f"no readable {FILENAME} under {', '.join(map(str, paths))}")
+    first = Path(paths[0])
+    out = Path(out_dir) if out_dir is not None else (first if first.is_dir() else first.parent) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(runs, metrics)
+    plots = report_plots.metric_plots(runs, out, lambda task: tuple(metrics) or TASK_PLOTS.get(task, ()))
+    heatmaps = report_plots.passkey_heatmaps(runs, out)
+    markdown = _markdown(paths, runs, tables, plots + heatmaps, out)
+    (out / "report.md").write_text(markdown, encoding="utf-8")
+    report = Report(out, markdown, runs, tables, [p.path for p in plots], [p.path for p in heatmaps])
+    if logger != "none":
+        report.wandb_run_dir = _log_to_wandb(report, plots + heatmaps, paths, logger, project)
+    return report
+
+
+def _markdown(paths, runs: Sequence[Run], tables: Sequence[Table], images, out: Path) -> str:
+    lines = [
+        "# less-report",
+        "",
+        f"{len(runs)} runs from {', '.join(f'`{p}`' for p in paths)}. Budget and memory are in tokens; memory is "
+        "the budget plus the state's size in token-equivalents, rounded. Repeated runs are separate rows; "
+        "plots show their mean.",
+    ]
+    for table in tables:
+        lines += ["", f"## {table.task}", "", table.markdown()]
+        lines += [f"\n![{img.caption}]({img.path.relative_to(out).as_posix()})" for img in images if img.task == table.task]
+    return "\n".join(lines) + "\n"
+
+
+def _log_to_wandb(report: Report, images, paths, logger: str, project: str | None) -> Path | None:
+    """Log every table (``table/<task>``) and image (``plot/<file stem>``) into one W&B run."""
+    from omegaconf import OmegaConf
+
+    from less_exp import paths as less_paths
+    from less_exp.tracking import make_tracker
+
+    logger_cfg = OmegaConf.load(Path(less_paths.conf_dir()) / "logger" / f"{logger}.yaml")
+    if project:
+        logger_cfg.project = project
+    config = {"paths": [str(p) for p in paths], "runs": len(report.runs), "out_dir": str(report.out_dir)}
+    with make_tracker(logger_cfg, config, report.out_dir, "report", "report") as tracker:
+        for table in report.tables:
+            tracker.log_table(f"table/{table.task}", table.columns, table.values)
+        for image in images:
+            tracker.log_image(f"plot/{image.path.stem}", str(image.path), caption=image.caption)
+        tracker.summary({"runs": len(report.runs)})
+    return tracker.run_dir
+
+
+# ------------------------------------------------------------------------------ command line
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``less-report PATH... [--out DIR] [--metric NAME] [--logger wandb|none] [--project P]``."""
+    parser = argparse.ArgumentParser(
+        prog="less-report", description="Gather every results.json under run or sweep folders into a markdown table and PNG plots."
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders, sweep folders or results.json files")
+    parser.add_argument("--out", help="output folder (default: <first PATH>/report)")
+    parser.add_argument("--metric", action="append", default=[], help="metric to plot against the budget (repeatable)")
+    parser.add_argument("--logger", choices=("none", "wandb"), default="none", help="also log to W&B (offline unless WANDB_MODE=online)")
+    parser.add_argument("--project", help="W&B project (default: the logger config's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="less-report: %(message)s", stream=sys.stderr)
+    try:
+        report = make_report(args.paths, args.out, args.metric, args.logger, args.project)
+    except NoResultsError as err:
+        print(f"less-report: error: {err}", file=sys.stderr)
+        return 2
+    print(report.markdown)
+    print(f"report: {report.out_dir / 'report.md'} (plots: {len(report.plots)}, passkey heatmaps: {len(report.heatmaps)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The PNGs of ``less-report``: metric versus budget per method, and passkey heatmaps.
+
+Figures are drawn on matplotlib's Agg canvas without pyplot, so a report never opens a window
+or touches pyplot's global figure list.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from less_exp.report import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A written PNG, the task whose section shows it, and its caption."""
+
+    path: Path
+    task: str
+    caption: str
+
+
+def metric_plots(runs: Sequence[Run], out: Path, metrics_for: Callable[[str], Sequence[str]]) -> list[Plot]:
+    """One PNG per (model, task, metric): the mean metric at each budget, a line per method.
+
+    Full-cache runs are a dashed horizontal line; a (model, task, metric) without any compressed
+    run has no plot.
+    """
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.model, run.task].append(run)
+    plots, taken = [], set()
+    for (model, task), group in sorted(groups.items()):
+        for metric in metrics_for(task):
+            lines: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+            full = []
+            for run in group:
+                value = run.metrics.get(metric)
+                if not _finite(value):
+                    continue
+                if run.policy == "full":
+                    full.append(value)
+                elif run.budget is not None:
+                    lines[run.method][run.budget].append(value)
+            if not lines:
+                continue
+            figure = _figure()
+            axes = figure.subplots()
+            for method in sorted(lines):
+                budgets = sorted(lines[method])
+                axes.plot(budgets, [mean(lines[method][b]) for b in budgets], marker="o", label=method)
+            if full:
+                axes.axhline(mean(full), linestyle="--", color="black", label="full")
+            axes.set(xlabel="budget (tokens)", ylabel=metric, title=f"{model} · {task} · {metric}")
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize="small")
+            caption = f"{metric} versus budget, {model}, {task}"
+            plots.append(_save(figure, _unique(out / f"{_slug(model, task, metric)}.png", taken), task, caption))
+    return plots
+
+
+def passkey_heatmaps(runs: Sequence[Run], out: Path) -> list[Plot]:
+    """One heatmap per run with a ``passkey_grid``.
+
+    Accuracy by context length (down) and depth (across), oriented as the passkey task's own heatmap.
+    """
+    plots, taken = [], set()
+    for run in runs:
+        if run.passkey_grid is None:
+            continue
+        try:
+            lengths, depths, accuracy = _grid(run.passkey_grid)
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("no passkey heatmap for %s: passkey_grid is malformed (%s)", run.name, err)
+            continue
+        budget = "full" if run.budget is None else str(run.budget)
+        figure = _figure()
+        axes = figure.subplots()
+        image = axes.imshow(accuracy, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        for y, row in enumerate(accuracy):
+            for x, value in enumerate(row):
+                if _finite(value):
+                    axes.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize="small")
+        axes.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        axes.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+        axes.set(xlabel="passkey depth (0 = start, 1 = end)", ylabel="context length (tokens)", title=f"{run.model} · {run.method} · budget {budget}")
+        figure.colorbar(image, ax=axes, label="accuracy")
+        caption = f"passkey accuracy, {run.model}, {run.method}, budget {budget} ({run.name})"
+        path = _unique(out / f"passkey_{_slug(run.model, run.method, budget)}.png", taken)
+        plots.append(_save(figure, path, run.task, caption))
+    return plots
+
+
+def _grid(grid) -> tuple[list[int], list[float], list[list[float]]]:
+    """``(context_lengths, depths, accuracy[length][depth])``, missing cells as NaN."""
+    lengths, depths, accuracy = list(grid["context_lengths"]), list(grid["depths"]), list(grid["accuracy"])
+    if not lengths or not depths or len(accuracy) != len(lengths) or any(len(row) != len(depths) for row in accuracy):
+        raise ValueError(f"accuracy must be {len(lengths)} rows of {len(depths)} depths")
+    return lengths, depths, [[float(v) if v is not None else math.nan for v in row] for row in accuracy]
+
+
+def _figure() -> Figure:
+    figure = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path, task: str, caption: str) -> Plot:
+    figure.savefig(path)
+    return Plot(path, task, caption)
+
+
+def _slug(*parts: str) -> str:
+    return "_".join(re.sub(r"[^A-Za-z0-9._+-]+", "-", p).strip("-") for p in parts)
+
+
+def _unique(path: Path, taken: set[Path]) -> Path:
+    """``path``, or ``<stem>_2.png`` and so on when an earlier plot of this report took the name."""
+    candidate, n = path, 1
+    while candidate in taken:
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    taken.add(candidate)
+    return candidate
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
