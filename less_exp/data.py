@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -93,6 +94,25 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = 
     if count < 1:
         raise ConfigError(f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def scored_text(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> str:
+    """The prefix of ``text`` that :func:`token_windows` covers: the characters of its first
+    ``count * seq_len`` tokens. The harness and the perplexity task's word and byte counts read it,
+    so both score the same text."""
+    windows = token_windows(tokenizer, text, seq_len, max_windows)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return text[: encoding["offset_mapping"][windows.numel() - 1][1]]
+
+
+def count_words(text: str) -> int:
+    """Words as lm-eval counts them for word perplexity (whitespace-separated pieces)."""
+    return len(re.split(r"\s+", text))
+
+
+def count_bytes(text: str) -> int:
+    """UTF-8 bytes, lm-eval's denominator for byte perplexity and bits per byte."""
+    return len(text.encode("utf-8"))
 
 
 def _check_split(split: str) -> None:

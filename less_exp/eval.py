@@ -17,7 +17,7 @@ JOB = "eval"
 
 def evaluate(cfg: DictConfig) -> dict:
     """Validate, load the model, apply compression, run ``cfg.task``; write and return its metrics."""
-    task = tasks.get(cfg.task.name)
+    task = tasks.get(cfg.task.get("module") or cfg.task.name)
     runtime.validate(cfg)
     compression.validate(cfg)
     if cfg.get("checkpoint"):

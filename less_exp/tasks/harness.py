@@ -1,0 +1,173 @@
+"""``task=wikitext_harness`` and ``task=harness``: EleutherAI's lm-eval on the in-memory model.
+
+The model goes to lm-eval as an instance with its policy and state attached, so every harness task
+scores the compressed model. ``task.names=null`` (``wikitext_harness``) runs a task YAML of the
+project's own over the local WikiText text: one document, the text the perplexity task scores,
+rolling log-likelihood, lm-eval's word perplexity, byte perplexity and bits per byte. Otherwise
+``task.names`` are any installed harness tasks, whose data must be reachable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from less_exp import data
+from less_exp.cache import LessCache
+from less_exp.compression import compression_of
+from less_exp.errors import ConfigError
+from less_exp.models import max_positions
+from less_exp.runtime import output_dir
+from less_exp.tracking import Tracker
+
+LOCAL_TASK = "less_wikitext"
+ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def validate(cfg: DictConfig) -> None:
+    task = cfg.task
+    limit = max_positions(cfg.model)
+    if not isinstance(task.seq_len, int) or not 2 <= task.seq_len <= limit:
+        raise ConfigError(f"task.seq_len={task.seq_len} must be an integer in [2, {limit}] (model.max_length)")
+    if not isinstance(task.batch_size, int) or task.batch_size < 1:
+        raise ConfigError(f"task.batch_size={task.batch_size} must be a positive integer")
+    for key in ("limit", "num_fewshot", "max_windows"):
+        value = task.get(key)
+        if value is not None and (not isinstance(value, int) or value < (0 if key == "num_fewshot" else 1)):
+            raise ConfigError(f"task.{key}={value} must be a {'non-negative' if key == 'num_fewshot' else 'positive'} integer or null")
+    if task.names is None:
+        if task.split not in data.SPLITS:
+            raise ConfigError(f"task.split={task.split!r} is not one of {data.SPLITS}")
+        data.check_available(cfg.data, task.split)
+        return
+    names = list(task.names)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"task.names={names} must be a non-empty list of lm-eval task names")
+    known = set(_task_manager(None).all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=5)
+            raise ConfigError(f"task.names: {name!r} is not an installed lm-eval task" + (f"; did you mean {close}?" if close else ""))
+
+
+def _task_manager(include_path: Path | None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path) if include_path else None, verbosity="ERROR")
+
+
+def harness_lm(model, tokenizer, task: DictConfig):
+    """lm-eval's HF wrapper around the in-memory model; generation uses the real evicting cache."""
+    from lm_eval.models.huggingface import HFLM
+
+    class CompressedHFLM(HFLM):
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            if compression_of(self.model) is not None:
+                generation_kwargs["past_key_values"] = LessCache(self.model)
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    device = next(model.parameters()).device
+    return CompressedHFLM(pretrained=model, tokenizer=tokenizer, max_length=task.seq_len, batch_size=task.batch_size, device=str(device))
+
+
+def write_local_task(folder: Path, text: str) -> Path:
+    """A task YAML and its one-document jsonl under ``folder``: rolling log-likelihood of ``text``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = folder / f"{LOCAL_TASK}.jsonl"
+    docs.write_text(json.dumps({"page": text}) + "\n", encoding="utf-8")
+    lines = [
+        f"task: {LOCAL_TASK}",
+        "dataset_path: json",
+        f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(docs.resolve()))}}}}}",
+        "test_split: test",
+        "output_type: loglikelihood_rolling",
+        'doc_to_text: ""',
+        "doc_to_target: page",
+        "metric_list:",
+        *[f"  - {{metric: {m}, aggregation: {'bits_per_byte' if m == 'bits_per_byte' else 'weighted_perplexity'}, higher_is_better: false}}"
+          for m in ROLLING_METRICS],
+    ]
+    (folder / f"{LOCAL_TASK}.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@contextmanager
+def _offline():
+    """Keep the hub libraries from reaching out while the local task loads its json file."""
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def flatten(results: dict) -> dict:
+    """``{task/metric: value}`` for the numeric metrics of lm-eval's ``results`` (filters dropped
+    when ``none``)."""
+    metrics = {}
+    for name, values in results.items():
+        for key, value in values.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or "_stderr" in key:
+                continue
+            metric, _, flt = key.partition(",")
+            metrics[f"{name}/{metric}" + ("" if flt in ("", "none") else f"/{flt}")] = float(value)
+    return metrics
+
+
+def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
+    from lm_eval import simple_evaluate
+
+    task = cfg.task
+    out = output_dir(cfg)
+    lm = harness_lm(model, tokenizer, task)
+    text = None
+    if task.names is None:
+        text = data.scored_text(tokenizer, data.load_text(cfg.data, task.split), task.seq_len, task.max_windows)
+        names, manager, offline = [LOCAL_TASK], _task_manager(write_local_task(out / "harness_tasks", text)), _offline()
+    else:
+        names, manager, offline = list(task.names), _task_manager(None), _nothing()
+    with offline:
+        output = simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, limit=task.get("limit"), num_fewshot=task.get("num_fewshot"),
+            bootstrap_iters=0, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+        )
+    (out / "harness_results.json").write_text(json.dumps(output["results"], indent=2, default=str) + "\n", encoding="utf-8")
+    metrics = flatten(output["results"])
+    tracker.log_table("harness", ["metric", "value"], [[k, v] for k, v in metrics.items()])
+    if text is None:
+        return metrics
+    return _rolling_summary(metrics, tokenizer, text)
+
+
+def _rolling_summary(metrics: dict, tokenizer, text: str) -> dict:
+    """lm-eval's three numbers plus the counts and the token perplexity they imply."""
+    words = data.count_words(text)
+    tokens = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    word_ppl = metrics[f"{LOCAL_TASK}/word_perplexity"]
+    total_nll = math.log(word_ppl) * words
+    return {
+        "word_perplexity": word_ppl,
+        "byte_perplexity": metrics[f"{LOCAL_TASK}/byte_perplexity"],
+        "bits_per_byte": metrics[f"{LOCAL_TASK}/bits_per_byte"],
+        "perplexity": math.exp(total_nll / tokens),
+        "num_tokens": tokens,
+        "num_words": words,
+        "num_bytes": data.count_bytes(text),
+    }
+
+
+@contextmanager
+def _nothing():
+    yield
