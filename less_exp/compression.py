@@ -169,6 +169,8 @@ def validate(cfg: DictConfig) -> None:
         except Exception as err:
             raise ConfigError(f"feature_map={cfg.feature_map.name}: {_root_cause(err)}") from err
     length = cfg.get("task", {}) and cfg.task.get("seq_len")
+    if not length and policy.ratio_of == "length":
+        return  # no fixed length: the budget resolves per prompt at prefill
     try:
         budget = policy.budget(length=length, max_positions=int(cfg.model.max_length))
         if length:

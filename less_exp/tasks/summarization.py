@@ -1,0 +1,167 @@
+"""``task=xsum`` and ``task=cnn_dailymail``: summarization by generation with the real evicting cache.
+
+Paper settings by default: the H2O 0-shot prompt (``###\\nArticle: ...\\n\\nSummarize the above article
+in N sentences.\\n``), temperature-0.3 sampling seeded per batch (or ``task.do_sample=false`` for
+greedy), at most 128 new tokens, output cut at ``###``. Prompts that do not fit the model with their
+new tokens are skipped and counted. Scores are ROUGE-1/2/L F-measures (rouge-score, stemmed),
+averaged over the scored samples.
+
+Rows are appended to ``summaries.jsonl`` batch by batch, tagged with a key of everything that shapes
+the output, so a killed job rerun in the same folder continues where it stopped and gives the same
+rows as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from less_exp import data
+from less_exp.compression import compression_of
+from less_exp.errors import ConfigError
+from less_exp.models import max_positions
+from less_exp.runtime import output_dir
+from less_exp.tasks.generate import new_cache
+from less_exp.tracking import Tracker
+
+ROUGE = ("rouge1", "rouge2", "rougeL")
+ROWS = "summaries.jsonl"
+
+
+def dataset(cfg: DictConfig) -> DictConfig:
+    """The task's data preset, with ``task.data_path`` (a jsonl of the preset's fields) replacing its local file."""
+    ds = OmegaConf.create(OmegaConf.to_container(cfg.task.dataset, resolve=True))
+    if cfg.task.get("data_path"):
+        ds.local.files[cfg.task.split] = str(Path(str(cfg.task.data_path)).expanduser().resolve())
+    return ds
+
+
+def validate(cfg: DictConfig) -> None:
+    task = cfg.task
+    for key in ("max_new_tokens", "batch_size"):
+        if not isinstance(task[key], int) or task[key] < 1:
+            raise ConfigError(f"task.{key}={task[key]} must be a positive integer")
+    if task.num_samples is not None and (not isinstance(task.num_samples, int) or task.num_samples < 1):
+        raise ConfigError(f"task.num_samples={task.num_samples} must be a positive integer or null (every record)")
+    if task.do_sample and not task.temperature > 0:
+        raise ConfigError(f"task.temperature={task.temperature} must be > 0 when task.do_sample=true")
+    if not 0 < task.top_p <= 1:
+        raise ConfigError(f"task.top_p={task.top_p} must be in (0, 1]")
+    if task.split not in data.SPLITS:
+        raise ConfigError(f"task.split={task.split!r} is not one of {data.SPLITS}")
+    if task.get("data_path") and not Path(str(task.data_path)).expanduser().is_file():
+        raise ConfigError(f"task.data_path={task.data_path} is not a file (a jsonl with the fields {dict(task.dataset.local.fields)})")
+    if task.max_new_tokens >= max_positions(cfg.model):
+        raise ConfigError(f"task.max_new_tokens={task.max_new_tokens} leaves no room for a prompt in model.max_length={max_positions(cfg.model)}")
+    data.check_available(dataset(cfg), task.split)
+
+
+def run_key(cfg: DictConfig) -> str:
+    """A short hash of everything that decides the generated text."""
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "policy", "feature_map", "gating", "reweighting", "normalizer")}
+    task = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k not in ("batch_size",)}
+    blob = json.dumps({**parts, "task": task, "checkpoint": cfg.get("checkpoint"), "seed": cfg.seed}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def cut(text: str, stop: str | None) -> str:
+    """The output up to the stop string, stripped."""
+    return (text.split(stop, 1)[0] if stop else text).strip()
+
+
+def _batches(lengths: dict[int, int], batch_size: int) -> list[list[int]]:
+    """Record indices grouped by similar prompt length (less padding, similar ratio budgets)."""
+    order = sorted(lengths, key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _done_rows(path: Path, key: str) -> dict[int, dict]:
+    """Rows of this run already on disk; a line cut short by a kill is dropped from the file."""
+    if not path.is_file():
+        return {}
+    good, rows = [], {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        good.append(line)
+        if row.get("run_key") == key:
+            rows[row["index"]] = row
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
+    os.replace(tmp, path)
+    return rows
+
+
+def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
+    from rouge_score import rouge_scorer
+
+    task = cfg.task
+    records = data.load_records(dataset(cfg), task.split)
+    if task.num_samples is not None:
+        records = records[: task.num_samples]
+    limit = max_positions(cfg.model)
+    encoded = {i: tokenizer(r["input"])["input_ids"] for i, r in enumerate(records)}
+    lengths = {i: len(ids) for i, ids in encoded.items() if len(ids) + task.max_new_tokens <= limit}
+    skipped = len(records) - len(lengths)
+    key, path = run_key(cfg), output_dir(cfg) / ROWS
+    rows = _done_rows(path, key)
+    if rows:
+        print(f"{task.name}: resuming, {len(rows)} of {len(lengths)} samples already in {path}")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
+    device = next(model.parameters()).device
+    sampling = {"do_sample": bool(task.do_sample)}
+    if task.do_sample:
+        sampling.update(temperature=float(task.temperature), top_p=float(task.top_p), top_k=0)
+    stop = {"stop_strings": [task.stop], "tokenizer": tokenizer} if task.stop else {}
+    seconds, new_tokens = 0.0, 0
+    batches = _batches(lengths, task.batch_size)
+    with path.open("a", encoding="utf-8") as sink, tqdm(total=len(lengths), initial=len(rows), desc=task.name, unit="sample") as bar:
+        for batch in batches:
+            if all(i in rows for i in batch):
+                continue
+            inputs = tokenizer([records[i]["input"] for i in batch], return_tensors="pt", padding=True).to(device)
+            torch.manual_seed(cfg.seed * 1_000_003 + batch[0])
+            began = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**inputs, past_key_values=new_cache(model), max_new_tokens=task.max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id, **sampling, **stop)
+            seconds += time.perf_counter() - began
+            generated = out[:, inputs.input_ids.shape[1] :]
+            new_tokens += int((generated != tokenizer.pad_token_id).sum())
+            for i, ids in zip(batch, generated):
+                summary = cut(tokenizer.decode(ids, skip_special_tokens=True), task.stop)
+                scores = scorer.score(records[i]["target"], summary)
+                row = {"index": i, "run_key": key, "prompt_tokens": lengths[i], "summary": summary, "target": records[i]["target"],
+                       **{m: scores[m].fmeasure for m in ROUGE}}
+                sink.write(json.dumps(row) + "\n")
+                rows[i] = row
+            sink.flush()
+            bar.update(len(batch))
+            tracker.log({f"{task.name}/{m}_running": _mean(rows, m) for m in ROUGE}, step=bar.n)
+    scored = [rows[i] for i in sorted(lengths)]
+    tracker.log_table(f"{task.name}/summaries", ["index", "summary", "target", *ROUGE],
+                      [[r["index"], r["summary"], r["target"], *(r[m] for m in ROUGE)] for r in scored[:100]])
+    for row in scored[:2]:
+        print(f"--- [{row['index']}] {row['summary']!r}\n    reference: {row['target']!r}")
+    metrics = {m: _mean(rows, m) for m in ROUGE}
+    metrics.update(num_samples=len(scored), num_skipped=skipped,
+                   mean_prompt_tokens=sum(lengths.values()) / max(len(lengths), 1))
+    if seconds:
+        metrics["tokens_per_s"] = new_tokens / seconds
+    comp = compression_of(model)
+    if comp is not None and scored:
+        metrics["budget"] = sum(comp.budget(lengths[r["index"]]).capacity or 0 for r in scored) / len(scored)
+    return metrics
+
+
+def _mean(rows: dict[int, dict], metric: str) -> float:
+    return sum(r[metric] for r in rows.values()) / len(rows) if rows else 0.0

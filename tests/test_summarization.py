@@ -1,0 +1,91 @@
+"""Summarization tasks on a tiny model: batching, skipping, ROUGE, resume, data overrides, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from less_exp import eval as eval_job
+from less_exp.errors import ConfigError, UnavailableError
+from less_exp.tasks.summarization import ROWS, cut
+
+PROMPT = "###\nArticle: {}\n\nSummarize the above article in 1 sentence.\n"
+
+
+@pytest.fixture
+def articles(tmp_path_factory):
+    """Six short records and one too long for the tiny model (byte tokens > 2048)."""
+    path = tmp_path_factory.mktemp("data") / "mini.jsonl"
+    rows = [{"article": PROMPT.format(f"Story {i}: the council met on day {i} " * (1 + i % 3)), "summary_gt": f"The council met on day {i}."}
+            for i in range(6)]
+    rows.insert(3, {"article": PROMPT.format("A very long article. " * 120), "summary_gt": "Long."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def base(path, *extra):
+    return ["model=tiny_llama", "logger=none", "task=xsum", f"task.data_path={path}", "task.max_new_tokens=6", "task.batch_size=2", *extra]
+
+
+def rows_of(folder):
+    return [json.loads(line) for line in (folder / ROWS).read_text().splitlines()]
+
+
+def test_scores_batches_and_counts_skipped_prompts(compose_config, tmp_path, articles):
+    metrics = eval_job.evaluate(compose_config("eval", base(articles, "task.num_samples=null", "policy=h2o", "policy.heavy=8", "policy.recent=8")))
+    assert metrics["num_samples"] == 6 and metrics["num_skipped"] == 1
+    rows = rows_of(tmp_path)
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 4, 5, 6]
+    for metric in ("rouge1", "rouge2", "rougeL"):
+        assert metrics[metric] == pytest.approx(sum(r[metric] for r in rows) / len(rows))
+        assert all(0.0 <= r[metric] <= 1.0 for r in rows)
+    assert all("###" not in r["summary"] for r in rows)
+    assert metrics["policy"] == "h2o" and metrics["budget"] == 16
+
+
+def test_num_samples_takes_the_first_records(compose_config, tmp_path, articles):
+    metrics = eval_job.evaluate(compose_config("eval", base(articles, "task.num_samples=3")))
+    assert metrics["num_samples"] == 3 and sorted(r["index"] for r in rows_of(tmp_path)) == [0, 1, 2]
+
+
+def test_killed_job_resumes_to_the_same_rows(compose_config, tmp_path, articles):
+    whole = tmp_path / "whole"
+    cut_short = tmp_path / "killed"
+    overrides = base(articles, "task.num_samples=null", "policy=sink", "policy.sink=2", "policy.recent=10")
+    reference = eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={whole}"]))
+    eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={cut_short}"]))
+    lines = (cut_short / ROWS).read_text().splitlines()
+    (cut_short / ROWS).write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])  # two rows, then a half-written one
+    resumed = eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={cut_short}"]))
+    by_index = lambda folder: {r["index"]: r["summary"] for r in rows_of(folder)}  # noqa: E731
+    assert by_index(cut_short) == by_index(whole)
+    assert {k: resumed[k] for k in ("rouge1", "rouge2", "rougeL", "num_samples")} == {
+        k: reference[k] for k in ("rouge1", "rouge2", "rougeL", "num_samples")}
+    # A different seed is a different run: nothing reused.
+    eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={cut_short}", "seed=1"]))
+    assert len(rows_of(cut_short)) == 6 + 6
+
+
+def test_ratio_budget_resolves_per_prompt(compose_config, tmp_path, articles):
+    metrics = eval_job.evaluate(compose_config("eval", base(
+        articles, "task.num_samples=3", "task.batch_size=1", "policy=h2o", "policy.ratio_of=length", "policy.heavy=0.1", "policy.recent=0.1")))
+    lengths = [r["prompt_tokens"] for r in rows_of(tmp_path)]
+    assert metrics["budget"] == pytest.approx(sum(2 * round(0.1 * n) for n in lengths) / 3)
+
+
+def test_cut_at_the_stop_string():
+    assert cut(" The council met.\n###\nArticle: next", "###") == "The council met."
+    assert cut(" no stop here ", None) == "no stop here"
+
+
+def test_presets_and_bad_values(compose_config, tmp_path):
+    cnn = compose_config("eval", ["task=cnn_dailymail"])
+    assert cnn.task.dataset.name == "cnn_dailymail" and "3 sentences" in cnn.task.dataset.hub.prompt
+    assert compose_config("eval", ["task=xsum"]).task.dataset.local.files.test == "xsum_0shot.jsonl"
+    with pytest.raises(UnavailableError, match="cnn_dailymail"):
+        eval_job.evaluate(compose_config("eval", ["model=tiny_llama", "logger=none", "task=cnn_dailymail"]))
+    for bad, match in [("task.num_samples=0", "num_samples"), (f"task.data_path={tmp_path}/none.jsonl", "data_path"),
+                       ("task.temperature=0", "temperature"), ("task.max_new_tokens=5000", "max_new_tokens")]:
+        with pytest.raises(ConfigError, match=match):
+            eval_job.evaluate(compose_config("eval", ["model=tiny_llama", "logger=none", "task=xsum", bad]))
