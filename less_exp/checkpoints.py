@@ -172,6 +172,10 @@ def load_progress(root: Path, layer: int) -> dict | None:
 
 
 # ------------------------------------------------------------------------------ evaluation
+BUDGET_MATCH = ("trained", "any")
+BUDGET_KEYS = ("sink", "heavy", "recent", "ratio_of")
+
+
 def check(cfg: DictConfig) -> dict:
     """Cheap checks of ``cfg.checkpoint`` against the eval config, before the model loads."""
     root = cfg.checkpoint
@@ -186,10 +190,19 @@ def check(cfg: DictConfig) -> dict:
         raise ConfigError(f"checkpoint={root} was trained for model={trained}, but this run uses model={cfg.model.name}")
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     policy.pop("baseline_plus", None)
-    if policy != manifest["policy"]:
+    trained_policy = dict(manifest["policy"])
+    match = cfg.get("checkpoint_budget", "trained")
+    if match not in BUDGET_MATCH:
+        raise ConfigError(f"checkpoint_budget={match!r} is not one of {BUDGET_MATCH}")
+    if match == "any":
+        for key in BUDGET_KEYS:
+            policy.pop(key, None)
+            trained_policy.pop(key, None)
+    if policy != trained_policy:
         raise ConfigError(
             f"checkpoint={root} was trained with policy={_show(manifest['policy'])}, but this run uses "
-            f"policy={_show(policy)}; the state only learned what that policy evicts"
+            f"policy={_show(OmegaConf.to_container(cfg.policy, resolve=True))}; the state only learned what that policy "
+            "evicts" + ("" if match == "any" else " (checkpoint_budget=any accepts the same policy at another budget)")
         )
     own = cfg.feature_map.get("name", "none")
     if own not in ("none", manifest["feature_map"]["name"]):

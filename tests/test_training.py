@@ -158,10 +158,21 @@ def test_eval_loads_the_checkpoint(compose_config, trained):
         assert all(torch.equal(own[k], v) for k, v in tensors.items())
 
 
+def test_checkpoint_budget_any_transfers_the_state_to_another_budget(compose_config, trained):
+    other = ["policy.recent=12", "checkpoint_budget=any", f"checkpoint={trained}"]
+    metrics = eval_job.evaluate(compose_config("eval", [*EVAL, *other]))
+    plain = eval_job.evaluate(compose_config("eval", [*EVAL, "policy.recent=12"]))
+    assert metrics["recent"] == 12 and metrics["state_token_equivalents"] == pytest.approx(4.25)
+    assert metrics["perplexity"] != pytest.approx(plain["perplexity"], rel=1e-6)
+    with pytest.raises(ConfigError, match="trained with policy=sink"):
+        eval_job.evaluate(compose_config("eval", [*EVAL, *other, "policy=window", "policy.recent=12"]))
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
         (["model=tiny_qwen2"], "trained for model=tiny_llama"),
+        (["checkpoint_budget=nearest"], "checkpoint_budget"),
         (["policy=h2o", "policy.heavy=4", "policy.recent=4"], "trained with policy=sink"),
         (["policy.recent=9"], "trained with policy=sink"),
         (["feature_map=elu1"], "holds feature_map=less_mlp"),
