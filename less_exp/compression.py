@@ -233,12 +233,16 @@ def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
     return model
 
 
-def summary(model: torch.nn.Module, cfg: DictConfig) -> dict:
-    """What a results table needs to group runs: policy, resolved budget and the state's size."""
+def summary(model: torch.nn.Module, cfg: DictConfig, length: int | None = None) -> dict:
+    """What a results table needs to group runs: policy, resolved budget and the state's size.
+
+    The budget is resolved at ``length`` (a task's representative length: its longest context, its
+    mean prompt), else ``task.seq_len``, else the model's maximum positions.
+    """
     comp = compression_of(model)
     if comp is None:
         return {"policy": "full", "budget": None, "state_token_equivalents": 0.0}
-    length = cfg.task.get("seq_len") or comp.max_positions
+    length = length or cfg.task.get("seq_len") or comp.max_positions
     return comp.describe(int(length))
 
 

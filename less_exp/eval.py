@@ -29,7 +29,7 @@ def evaluate(cfg: DictConfig) -> dict:
         model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
         model = compression.apply(model, cfg)
         metrics = task.run(model, tokenizer, cfg, job.tracker)
-        for key, value in compression.summary(model, cfg).items():
+        for key, value in compression.summary(model, cfg, metrics.get("budget_length")).items():
             metrics.setdefault(key, value)
         results = job.finish(metrics)
     print(f"{cfg.task.name}: " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))

@@ -84,6 +84,15 @@ def test_passkey_task_end_to_end(compose_config, tmp_path, policy):
         assert image.format == "PNG" and image.width > 100 and image.height > 100
 
 
+def test_ratio_budget_resolves_at_each_context_length(compose_config):
+    """10% of each prompt: the real cache sizes itself at prefill; the summary reports the longest length's."""
+    ratio = ["policy=h2o", "policy.ratio_of=length", "policy.heavy=0.05", "policy.recent=0.05"]
+    metrics = eval_job.evaluate(compose_config("eval", [*TINY, *ratio]))
+    assert metrics["budget_length"] == 320 and metrics["budget"] == 2 * round(0.05 * 320)
+    fixed = eval_job.evaluate(compose_config("eval", [*TINY, "policy=h2o", "policy.heavy=13", "policy.recent=13"]))
+    assert metrics["num_prompts"] == fixed["num_prompts"] == 4
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

@@ -67,11 +67,12 @@ def test_killed_job_resumes_to_the_same_rows(compose_config, tmp_path, articles)
     assert len(rows_of(cut_short)) == 6 + 6
 
 
-def test_ratio_budget_resolves_per_prompt(compose_config, tmp_path, articles):
+def test_ratio_budget_is_reported_at_the_mean_prompt_length(compose_config, tmp_path, articles):
     metrics = eval_job.evaluate(compose_config("eval", base(
         articles, "task.num_samples=3", "task.batch_size=1", "policy=h2o", "policy.ratio_of=length", "policy.heavy=0.1", "policy.recent=0.1")))
     lengths = [r["prompt_tokens"] for r in rows_of(tmp_path)]
-    assert metrics["budget"] == pytest.approx(sum(2 * round(0.1 * n) for n in lengths) / 3)
+    assert metrics["budget_length"] == round(sum(lengths) / 3) == round(metrics["mean_prompt_tokens"])
+    assert metrics["heavy"] == metrics["recent"] == round(0.1 * metrics["budget_length"])
 
 
 def test_cut_at_the_stop_string():

@@ -107,6 +107,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     metrics = {"accuracy": _mean(r["correct"] for r in rows), "num_prompts": len(rows)}
     metrics.update({f"accuracy@{n}": _mean(accs) for n, accs in zip(lengths, grid)})
     metrics["passkey_grid"] = {"context_lengths": lengths, "depths": depths, "accuracy": grid}
+    metrics["budget_length"] = max(lengths)
     return metrics
 
 

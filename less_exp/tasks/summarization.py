@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from less_exp import data
-from less_exp.compression import compression_of
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.runtime import output_dir
@@ -157,9 +156,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
                    mean_prompt_tokens=sum(lengths.values()) / max(len(lengths), 1))
     if seconds:
         metrics["tokens_per_s"] = new_tokens / seconds
-    comp = compression_of(model)
-    if comp is not None and scored:
-        metrics["budget"] = sum(comp.budget(lengths[r["index"]]).capacity or 0 for r in scored) / len(scored)
+    metrics["budget_length"] = round(metrics["mean_prompt_tokens"])
     return metrics
 
 
