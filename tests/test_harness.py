@@ -72,3 +72,22 @@ def test_harness_bad_values_fail_before_the_model_loads(compose_config):
         eval_job.evaluate(compose_config("eval", ["model=tiny_llama", "logger=none", "task=wikitext_harness", "task.seq_len=100000"]))
     with pytest.raises(ConfigError, match="task.windows"):
         eval_job.evaluate(compose_config("eval", [*TINY, "task.windows=sliding"]))
+
+
+def test_harness_generation_uses_the_evicting_cache(compose_config, tmp_path):
+    """A generate_until task of one's own (task.include_path) decodes through LessCache."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "docs.jsonl").write_text("".join(json.dumps({"q": f"Count: {i} {i + 1}", "a": str(i + 2)}) + "\n" for i in range(3)))
+    (tasks / "count.yaml").write_text(
+        "task: tiny_count\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(tasks / 'docs.jsonl'))}}}}}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n"
+        "generation_kwargs: {until: ['\\n'], max_gen_toks: 6, do_sample: false}\n"
+        "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n"
+    )
+    overrides = ["model=tiny_llama", "logger=none", "task=harness", "task.names=[tiny_count]", f"task.include_path={tasks}",
+                 "task.seq_len=256", "policy=h2o", "policy.heavy=4", "policy.recent=4"]
+    metrics = eval_job.evaluate(compose_config("eval", overrides))
+    assert metrics["tiny_count/exact_match"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert metrics["policy"] == "h2o"

@@ -75,6 +75,11 @@ def test_ratio_budget_is_reported_at_the_mean_prompt_length(compose_config, tmp_
     assert metrics["heavy"] == metrics["recent"] == round(0.1 * metrics["budget_length"])
 
 
+def test_cnn_dailymail_runs_on_a_given_file(compose_config, tmp_path, articles):
+    metrics = eval_job.evaluate(compose_config("eval", [*base(articles, "task.num_samples=2"), "task=cnn_dailymail"]))
+    assert metrics["num_samples"] == 2 and (tmp_path / ROWS).is_file()
+
+
 def test_cut_at_the_stop_string():
     assert cut(" The council met.\n###\nArticle: next", "###") == "The council met."
     assert cut(" no stop here ", None) == "no stop here"

@@ -4,7 +4,8 @@ The model goes to lm-eval as an instance with its policy and state attached, so 
 scores the compressed model. ``task.names=null`` (``wikitext_harness``) runs a task YAML of the
 project's own over the local WikiText text: one document, the text the perplexity task scores,
 rolling log-likelihood, lm-eval's word perplexity, byte perplexity and bits per byte. Otherwise
-``task.names`` are any installed harness tasks, whose data must be reachable.
+``task.names`` are any installed harness tasks (or YAMLs of your own under ``task.include_path``),
+whose data must be reachable.
 """
 
 from __future__ import annotations
@@ -49,11 +50,19 @@ def validate(cfg: DictConfig) -> None:
     names = list(task.names)
     if not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"task.names={names} must be a non-empty list of lm-eval task names")
-    known = set(_task_manager(None).all_tasks)
+    include = task.get("include_path")
+    if include and not Path(str(include)).expanduser().is_dir():
+        raise ConfigError(f"task.include_path={include} is not a folder of lm-eval task YAMLs")
+    known = set(_task_manager(_include(task)).all_tasks)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=5)
             raise ConfigError(f"task.names: {name!r} is not an installed lm-eval task" + (f"; did you mean {close}?" if close else ""))
+
+
+def _include(task: DictConfig) -> Path | None:
+    include = task.get("include_path")
+    return Path(str(include)).expanduser().resolve() if include else None
 
 
 def _task_manager(include_path: Path | None):
@@ -136,7 +145,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
         text = data.scored_text(tokenizer, data.load_text(cfg.data, task.split), task.seq_len, task.max_windows)
         names, manager, offline = [LOCAL_TASK], _task_manager(write_local_task(out / "harness_tasks", text)), _offline()
     else:
-        names, manager, offline = list(task.names), _task_manager(None), _nothing()
+        names, manager, offline = list(task.names), _task_manager(_include(task)), _nothing()
     with offline:
         output = simple_evaluate(
             model=lm, tasks=names, task_manager=manager, limit=task.get("limit"), num_fewshot=task.get("num_fewshot"),
