@@ -31,9 +31,9 @@ HARNESS_COLUMNS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "num_samples", "num_skipped")
 # Metric columns per task, as fnmatch patterns; a task not listed shows all its scalar metrics.
 TASK_COLUMNS = {
-    "perplexity": ("perplexity", "nll", "num_tokens"),
-    "wikitext_harness": HARNESS_COLUMNS,
-    "harness": HARNESS_COLUMNS,
+    "perplexity": ("perplexity", "nll", "word_perplexity", "num_tokens"),
+    "wikitext_harness": ("perplexity", *HARNESS_COLUMNS, "num_tokens"),
+    "harness": ("*/*",),
     "xsum": ROUGE_COLUMNS,
     "cnn_dailymail": ROUGE_COLUMNS,
     "passkey": ("accuracy", "accuracy@*", "num_prompts"),
@@ -46,7 +46,6 @@ TASK_COLUMNS = {
 TASK_PLOTS = {
     "perplexity": ("perplexity",),
     "wikitext_harness": ("word_perplexity",),
-    "harness": ("word_perplexity",),
     "xsum": ("rouge1", "rouge2", "rougeL"),
     "cnn_dailymail": ("rouge1", "rouge2", "rougeL"),
     "passkey": ("accuracy",),
