@@ -7,7 +7,9 @@ environment variable that overrides it.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -41,12 +43,23 @@ def data_root() -> Path:
     return Path(env).expanduser() if env else (ROOT_DIR.parent / "shared" / "data")
 
 
+def run_dirname(overrides: str, limit: int = 160) -> str:
+    """A sweep job's folder name from its overrides: path values shortened to their last part
+    (``checkpoint=/x/ckpt/h2o`` -> ``checkpoint=h2o``), so a folder is never nested by a value's
+    slashes, and very long names cut with a hash that keeps them apart."""
+    name = re.sub(r"=(?:[^,=/]*/)+(?=[^,=/])", "=", overrides).replace("/", "_")
+    if len(name) > limit:
+        name = f"{name[: limit - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
 def register_resolvers() -> None:
     """Expose the defaults above to the configs as ``${less.root:}`` etc."""
     resolvers = {
         "less.root": lambda: str(ROOT_DIR),
         "less.cache": lambda: str(cache_dir()),
         "less.data": lambda: str(data_root()),
+        "less.dirname": run_dirname,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The evaluation suite on the embedded SmolLM2 at about 10% budget: full cache, sink, h2o and, when
 # checkpoints are given, LESS; on WikiText-2 (lm-eval harness and the own perplexity task), XSum
-# (100 samples) and passkey; then one less-report over everything.
+# (100 samples) and passkey; then one less-report over everything. WikiText also gets Baseline+
+# (the plain policy with the state's token-equivalents added to its budget).
 #
 #   CKPT_SINK=outputs/ckpt/smollm2_sink_cpu CKPT_H2O=outputs/ckpt/smollm2_h2o_cpu \
 #     scripts/eval_suite.sh [wikitext] [xsum] [passkey] [report]      (all four when none is named)
@@ -33,9 +34,10 @@ for section in "${SECTIONS[@]}"; do
   case $section in
     wikitext)
       SINK_POLICY=(policy=sink); H2O_POLICY=(policy=h2o); TRANSFER=()
-      run wikitext task=wikitext_harness policy=full,sink,h2o
-      run wikitext task=perplexity task.windows=disjoint,rolling policy=full
-      with_states wikitext task=wikitext_harness ;;
+      run wikitext task=perplexity,wikitext_harness policy=full,sink,h2o
+      run wikitext task=perplexity task.windows=rolling policy=full
+      run wikitext task=perplexity,wikitext_harness policy=sink,h2o feature_map=less_mlp policy.baseline_plus=true
+      with_states wikitext task=perplexity,wikitext_harness ;;
     xsum)
       SINK_POLICY=("${SINK_RATIO[@]}"); H2O_POLICY=("${H2O_RATIO[@]}"); TRANSFER=(checkpoint_budget=any)
       run xsum task=xsum policy=full

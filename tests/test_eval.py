@@ -84,15 +84,41 @@ def test_missing_data_fails_before_loading(compose_config, monkeypatch, tmp_path
 
 def test_command_line_sweep(tmp_path):
     env = {**os.environ, "LESS_OUTPUT_DIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "less_exp.eval", "-m", *TINY[:2], "task.max_windows=1,2", "logger=none"]
+    data_dir = f"data.local.dir={data.local_file(compose_config_data(), 'test').parent}"
+    cmd = [sys.executable, "-m", "less_exp.eval", "-m", *TINY[:2], "task.max_windows=1,2", "logger=none", data_dir]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = sorted(Path(tmp_path, "multirun", "eval").glob("*/*/results.json"))
     assert [p.parent.name for p in results] == [
-        f"{i}_model=tiny_llama,task.max_windows={i + 1},task.seq_len=64" for i in range(2)
+        f"{i}_data.local.dir=wikitext-2,model=tiny_llama,task.max_windows={i + 1},task.seq_len=64" for i in range(2)
     ]
     assert [json.loads(p.read_text())["metrics"]["num_windows"] for p in results] == [1, 2]
     assert proc.stdout.count("perplexity: perplexity=") == 2
+
+
+def compose_config_data():
+    from hydra import compose, initialize_config_dir
+
+    from less_exp import paths
+
+    with initialize_config_dir(config_dir=paths.conf_dir(), version_base="1.3"):
+        return compose("eval").data
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ("checkpoint=/work/out/ckpt/h2o,policy=h2o", "checkpoint=h2o,policy=h2o"),
+        ("checkpoint=ckpt/h2o/,policy=h2o", "checkpoint=h2o_,policy=h2o"),
+        ("task.context_lengths=[512,1024],policy=sink", "task.context_lengths=[512,1024],policy=sink"),
+    ],
+)
+def test_sweep_folder_names_stay_flat(overrides, name):
+    from less_exp.paths import run_dirname
+
+    assert run_dirname(overrides) == name
+    long = run_dirname("x=" + "a" * 300)
+    assert len(long) == 160 and long != run_dirname("x=" + "a" * 299 + "b")
 
 
 def _must_not_load(*args, **kwargs):
