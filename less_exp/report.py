@@ -1,7 +1,7 @@
 """``less-report PATH...``: every ``results.json`` under run or sweep folders as one report.
 
 The report is ``report.md`` (one markdown table per task, rows grouped by model, policy, budget and
-state config) plus PNG plots (metric versus budget per method, one passkey heatmap per passkey run),
+state config) plus PNG plots (metric versus memory per method, one passkey heatmap per passkey run),
 and, with ``--logger wandb``, the same tables and images in a W&B run. Runs that share a row's
 settings are kept as separate rows (the ``run`` column tells them apart); the plots average them.
 """

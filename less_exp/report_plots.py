@@ -33,10 +33,11 @@ class Plot:
 
 
 def metric_plots(runs: Sequence[Run], out: Path, metrics_for: Callable[[str], Sequence[str]]) -> list[Plot]:
-    """One PNG per (model, task, metric): the mean metric at each budget, a line per method.
+    """One PNG per (model, task, metric): the mean metric against the cache's memory in tokens
+    (budget + the state's token-equivalents, so methods compare at equal memory), a line per method.
 
-    Full-cache runs are a dashed horizontal line; a (model, task, metric) without any compressed
-    run has no plot.
+    When every method sits at a single memory size the figure is a bar chart instead. Full-cache
+    runs are a dashed horizontal line; a (model, task, metric) without any compressed run has no plot.
     """
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
@@ -52,23 +53,38 @@ def metric_plots(runs: Sequence[Run], out: Path, metrics_for: Callable[[str], Se
                     continue
                 if run.policy == "full":
                     full.append(value)
-                elif run.budget is not None:
-                    lines[run.method][run.budget].append(value)
+                elif run.memory is not None:
+                    lines[run.method][run.memory].append(value)
             if not lines:
                 continue
             figure = _figure()
             axes = figure.subplots()
-            for method in sorted(lines):
-                budgets = sorted(lines[method])
-                axes.plot(budgets, [mean(lines[method][b]) for b in budgets], marker="o", label=method)
+            if all(len(points) == 1 for points in lines.values()):
+                _bars(axes, lines)
+            else:
+                for method in sorted(lines):
+                    sizes = sorted(lines[method])
+                    axes.plot(sizes, [mean(lines[method][b]) for b in sizes], marker="o", label=method)
+                axes.set(xlabel="memory (tokens: budget + state token-equivalents)")
             if full:
                 axes.axhline(mean(full), linestyle="--", color="black", label="full")
-            axes.set(xlabel="budget (tokens)", ylabel=metric, title=f"{model} · {task} · {metric}")
+            axes.set(ylabel=metric, title=f"{model} · {task} · {metric}")
             axes.grid(alpha=0.3)
-            axes.legend(fontsize="small")
-            caption = f"{metric} versus budget, {model}, {task}"
+            if axes.get_legend_handles_labels()[0]:
+                axes.legend(fontsize="small")
+            caption = f"{metric} versus memory, {model}, {task}"
             plots.append(_save(figure, _unique(out / f"{_slug(model, task, metric)}.png", taken), task, caption))
     return plots
+
+
+def _bars(axes, lines: dict[str, dict[int, list[float]]]) -> None:
+    """One bar per method, labelled with its memory and value."""
+    methods = sorted(lines, key=lambda m: (next(iter(lines[m])), m))
+    values = [mean(next(iter(lines[m].values()))) for m in methods]
+    bars = axes.bar(range(len(methods)), values, color=[f"C{i}" for i in range(len(methods))])
+    axes.bar_label(bars, [f"{v:.4g}" for v in values], fontsize="small")
+    axes.set_xticks(range(len(methods)), [f"{m}\n{next(iter(lines[m]))} tokens" for m in methods], fontsize="small")
+    axes.set_ylim(0, max(values) * 1.15)
 
 
 def passkey_heatmaps(runs: Sequence[Run], out: Path) -> list[Plot]:

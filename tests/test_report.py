@@ -177,3 +177,22 @@ def test_wandb_run_holds_tables_and_images(sweep, monkeypatch):
     for png in rep.plots + rep.heatmaps:
         assert run["summary"][f"plot/{png.stem}/_type"] == "image-file"
     assert len(list(rep.wandb_run_dir.glob("files/media/images/plot/*.png"))) == len(rep.plots) + len(rep.heatmaps)
+
+
+def test_plots_place_methods_at_their_memory(tmp_path, monkeypatch):
+    """x is budget + state token-equivalents; one size per method gives bars, several give lines."""
+    from less_exp import report_plots
+
+    monkeypatch.setattr(results, "versions", dict)
+    runs = [("full", None, 0.0, 0.30), ("h2o", 32, 0.0, 0.20), ("h2o", 32, 4.25, 0.25)]
+    for i, (policy, budget, state, score) in enumerate(runs):
+        config = _config("xsum", policy, "less_mlp" if state else "none", checkpoint="ckpt/h2o" if state else None)
+        write_results(tmp_path / "one" / str(i), "eval", {"rouge1": score, **_summary(policy, budget, state)}, config, 1.0)
+    drawn = []
+    monkeypatch.setattr(report_plots, "_bars", lambda axes, lines: drawn.append({m: dict(p) for m, p in lines.items()}))
+    rep = report.make_report([tmp_path / "one"], metrics=["rouge1"])
+    assert [p.name for p in rep.plots] == ["tiny_llama_xsum_rouge1.png"]
+    assert drawn == [{"h2o": {32: [0.2]}, "h2o+less_mlp(ckpt)": {36: [0.25]}}]
+    write_results(tmp_path / "one" / "3", "eval", {"rouge1": 0.22, **_summary("h2o", 64)}, _config("xsum", "h2o"), 1.0)
+    drawn.clear()
+    assert report.make_report([tmp_path / "one"], metrics=["rouge1"]).plots and drawn == []
