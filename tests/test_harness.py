@@ -9,7 +9,7 @@ import pytest
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from less_exp import data, eval as eval_job
-from less_exp.errors import ConfigError
+from less_exp.errors import ConfigError, UnavailableError
 from less_exp.tasks.perplexity import rolling_windows
 
 TINY = ["model=tiny_llama", "task.seq_len=64", "task.max_windows=3", "logger=none"]
@@ -63,6 +63,17 @@ def test_harness_writes_its_results_and_task_yaml(compose_config, tmp_path):
     cfg = compose_config("eval", TINY)
     text = data.load_text(cfg.data, "test")
     assert 100 < len(doc["page"]) < 1000 and text.startswith(doc["page"])
+
+
+def test_hub_tasks_offline_fail_before_the_model_loads(compose_config, monkeypatch):
+    from less_exp import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(eval_job, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    with pytest.raises(UnavailableError, match="hellaswag.*not reachable.*wikitext_harness"):
+        eval_job.evaluate(compose_config("eval", ["model=tiny_llama", "logger=none", "task=harness", "task.names=[hellaswag]"]))
 
 
 def test_harness_bad_values_fail_before_the_model_loads(compose_config):

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from less_exp import data
+from less_exp import data, hub
 from less_exp.cache import LessCache
 from less_exp.compression import compression_of
-from less_exp.errors import ConfigError
+from less_exp.errors import ConfigError, UnavailableError
 from less_exp.models import max_positions
 from less_exp.runtime import output_dir
 from less_exp.tracking import Tracker
@@ -53,11 +53,20 @@ def validate(cfg: DictConfig) -> None:
     include = task.get("include_path")
     if include and not Path(str(include)).expanduser().is_dir():
         raise ConfigError(f"task.include_path={include} is not a folder of lm-eval task YAMLs")
-    known = set(_task_manager(_include(task)).all_tasks)
+    installed = set(_task_manager(None).all_tasks)
+    known = set(_task_manager(_include(task)).all_tasks) if include else installed
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=5)
             raise ConfigError(f"task.names: {name!r} is not an installed lm-eval task" + (f"; did you mean {close}?" if close else ""))
+    from_hub = [n for n in names if n in installed]
+    cached = os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if from_hub and not cached and not hub.hub_reachable():
+        raise UnavailableError(
+            f"task.names {from_hub} read their data from the Hugging Face hub, which is not reachable. Use "
+            "task=wikitext_harness (offline), task YAMLs of your own over local files (task.include_path), or "
+            "HF_DATASETS_OFFLINE=1 when the data sets are already in the local datasets cache."
+        )
 
 
 def _include(task: DictConfig) -> Path | None:
