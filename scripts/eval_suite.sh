@@ -38,18 +38,12 @@ for section in "${SECTIONS[@]}"; do
       run wikitext task=perplexity task.windows=rolling policy=full
       run wikitext task=perplexity,wikitext_harness policy=sink,h2o feature_map=less_mlp policy.baseline_plus=true
       with_states wikitext task=perplexity,wikitext_harness ;;
-    xsum)
+    xsum|passkey)  # the section is the task
       SINK_POLICY=("${SINK_RATIO[@]}"); H2O_POLICY=("${H2O_RATIO[@]}"); TRANSFER=(checkpoint_budget=any)
-      run xsum task=xsum policy=full
-      run xsum task=xsum "${SINK_RATIO[@]}"
-      run xsum task=xsum "${H2O_RATIO[@]}"
-      with_states xsum task=xsum ;;
-    passkey)
-      SINK_POLICY=("${SINK_RATIO[@]}"); H2O_POLICY=("${H2O_RATIO[@]}"); TRANSFER=(checkpoint_budget=any)
-      run passkey task=passkey policy=full
-      run passkey task=passkey "${SINK_RATIO[@]}"
-      run passkey task=passkey "${H2O_RATIO[@]}"
-      with_states passkey task=passkey ;;
+      run "$section" "task=$section" policy=full
+      run "$section" "task=$section" "${SINK_RATIO[@]}"
+      run "$section" "task=$section" "${H2O_RATIO[@]}"
+      with_states "$section" "task=$section" ;;
     report)
       ${LESS_REPORT:-.venv/bin/less-report} "$OUT" --out "$OUT/report" ;;
     *) echo "unknown section $section (wikitext, xsum, passkey, report)" >&2; exit 2 ;;
