@@ -85,24 +85,28 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = 
     No special tokens are added; the tail shorter than ``seq_len`` is dropped; ``max_windows``
     (``None`` for all) keeps the first ones.
     """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return _windows(ids, seq_len, max_windows)
+
+
+def scored_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> tuple[torch.Tensor, str]:
+    """:func:`token_windows` and the prefix of ``text`` they cover (the characters of their tokens),
+    from one tokenization. The harness and the perplexity task's word and byte counts read that
+    prefix, so both score the same text."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    windows = _windows(encoding["input_ids"], seq_len, max_windows)
+    return windows, text[: encoding["offset_mapping"][windows.numel() - 1][1]]
+
+
+def _windows(ids: list[int], seq_len: int, max_windows: int | None) -> torch.Tensor:
     if seq_len < 2:
         raise ConfigError(f"seq_len={seq_len} must be at least 2")
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     count = len(ids) // seq_len
     if max_windows is not None:
         count = min(count, int(max_windows))
     if count < 1:
         raise ConfigError(f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
-
-
-def scored_text(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> str:
-    """The prefix of ``text`` that :func:`token_windows` covers: the characters of its first
-    ``count * seq_len`` tokens. The harness and the perplexity task's word and byte counts read it,
-    so both score the same text."""
-    windows = token_windows(tokenizer, text, seq_len, max_windows)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    return text[: encoding["offset_mapping"][windows.numel() - 1][1]]
 
 
 def count_words(text: str) -> int:

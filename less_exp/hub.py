@@ -14,9 +14,14 @@ import urllib.request
 _TRUE = {"1", "true", "yes", "on"}
 
 
+def env_flag(var: str) -> bool:
+    """True when the environment variable ``var`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get(var, "").strip().lower() in _TRUE
+
+
 def offline_requested() -> bool:
     """True when the user asked for offline mode through the standard environment variables."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(env_flag(v) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

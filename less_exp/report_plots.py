@@ -88,10 +88,7 @@ def _bars(axes, lines: dict[str, dict[int, list[float]]]) -> None:
 
 
 def passkey_heatmaps(runs: Sequence[Run], out: Path) -> list[Plot]:
-    """One heatmap per run with a ``passkey_grid``.
-
-    Accuracy by context length (down) and depth (across), oriented as the passkey task's own heatmap.
-    """
+    """One :func:`accuracy_heatmap` per run with a ``passkey_grid``."""
     plots, taken = [], set()
     for run in runs:
         if run.passkey_grid is None:
@@ -102,21 +99,28 @@ def passkey_heatmaps(runs: Sequence[Run], out: Path) -> list[Plot]:
             log.warning("no passkey heatmap for %s: passkey_grid is malformed (%s)", run.name, err)
             continue
         budget = "full" if run.budget is None else str(run.budget)
-        figure = _figure()
-        axes = figure.subplots()
-        image = axes.imshow(accuracy, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
-        for y, row in enumerate(accuracy):
-            for x, value in enumerate(row):
-                if _finite(value):
-                    axes.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize="small")
-        axes.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
-        axes.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-        axes.set(xlabel="passkey depth (0 = start, 1 = end)", ylabel="context length (tokens)", title=f"{run.model} · {run.method} · budget {budget}")
-        figure.colorbar(image, ax=axes, label="accuracy")
-        caption = f"passkey accuracy, {run.model}, {run.method}, budget {budget} ({run.name})"
         path = _unique(out / f"passkey_{_slug(run.model, run.method, budget)}.png", taken)
-        plots.append(_save(figure, path, run.task, caption))
+        accuracy_heatmap(accuracy, lengths, depths, path, f"{run.model} · {run.method} · budget {budget}")
+        plots.append(Plot(path, run.task, f"passkey accuracy, {run.model}, {run.method}, budget {budget} ({run.name})"))
     return plots
+
+
+def accuracy_heatmap(accuracy: Sequence[Sequence[float]], lengths: Sequence[int], depths: Sequence[float], path: Path, title: str) -> Path:
+    """Passkey accuracy by context length (down) and depth (across), 0 red to 1 green, cells annotated
+    (NaN cells left blank); written to ``path``. The passkey task and the report both draw it."""
+    figure = _figure()
+    axes = figure.subplots()
+    image = axes.imshow(accuracy, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    for y, row in enumerate(accuracy):
+        for x, value in enumerate(row):
+            if _finite(value):
+                axes.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize="small")
+    axes.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+    axes.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+    axes.set(xlabel="passkey depth (0 = start, 1 = end)", ylabel="context length (tokens)", title=title)
+    figure.colorbar(image, ax=axes, label="accuracy")
+    figure.savefig(path)
+    return path
 
 
 def _grid(grid) -> tuple[list[int], list[float], list[list[float]]]:

@@ -11,7 +11,29 @@ import importlib
 import pkgutil
 from types import ModuleType
 
+from omegaconf import DictConfig
+
 from less_exp.errors import ConfigError
+from less_exp.models import max_positions
+
+
+def positive_int(value) -> bool:
+    """An int (not a bool) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def require_positive(task: DictConfig, *keys: str) -> None:
+    """Each ``task.<key>`` must be a positive integer."""
+    for key in keys:
+        if not positive_int(task[key]):
+            raise ConfigError(f"task.{key}={task[key]} must be a positive integer")
+
+
+def require_seq_len(cfg: DictConfig) -> None:
+    """``task.seq_len`` must be a window the model can take: an integer in [2, model.max_length]."""
+    limit, seq_len = max_positions(cfg.model), cfg.task.seq_len
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 2 <= seq_len <= limit:
+        raise ConfigError(f"task.seq_len={seq_len} must be an integer in [2, {limit}] (model.max_length)")
 
 
 def available() -> list[str]:

@@ -18,6 +18,7 @@ from less_exp.cache import LessCache
 from less_exp.compression import compression_of
 from less_exp.errors import ConfigError
 from less_exp.runtime import output_dir
+from less_exp.tasks import require_positive
 from less_exp.tracking import Tracker
 
 
@@ -25,9 +26,7 @@ def validate(cfg: DictConfig) -> None:
     task = cfg.task
     if not task.prompts and not task.prompt_field:
         raise ConfigError("task=generate needs task.prompts (a list) or task.prompt_field (a field of the data records)")
-    for key in ("max_new_tokens", "batch_size"):
-        if not isinstance(task[key], int) or task[key] < 1:
-            raise ConfigError(f"task.{key}={task[key]} must be a positive integer")
+    require_positive(task, "max_new_tokens", "batch_size")
     if task.do_sample and not task.temperature > 0:
         raise ConfigError("task.temperature must be > 0 when task.do_sample=true")
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -23,8 +21,8 @@ from less_exp import data, hub
 from less_exp.cache import LessCache
 from less_exp.compression import compression_of
 from less_exp.errors import ConfigError, UnavailableError
-from less_exp.models import max_positions
 from less_exp.runtime import output_dir
+from less_exp.tasks import perplexity, positive_int, require_positive, require_seq_len
 from less_exp.tracking import Tracker
 
 LOCAL_TASK = "less_wikitext"
@@ -33,20 +31,16 @@ ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 def validate(cfg: DictConfig) -> None:
     task = cfg.task
-    limit = max_positions(cfg.model)
-    if not isinstance(task.seq_len, int) or not 2 <= task.seq_len <= limit:
-        raise ConfigError(f"task.seq_len={task.seq_len} must be an integer in [2, {limit}] (model.max_length)")
-    if not isinstance(task.batch_size, int) or task.batch_size < 1:
-        raise ConfigError(f"task.batch_size={task.batch_size} must be a positive integer")
-    for key in ("limit", "num_fewshot", "max_windows"):
-        value = task.get(key)
-        if value is not None and (not isinstance(value, int) or value < (0 if key == "num_fewshot" else 1)):
-            raise ConfigError(f"task.{key}={value} must be a {'non-negative' if key == 'num_fewshot' else 'positive'} integer or null")
+    limit, shots = task.get("limit"), task.get("num_fewshot")
+    if limit is not None and not positive_int(limit):
+        raise ConfigError(f"task.limit={limit} must be a positive integer or null")
+    if shots is not None and not (isinstance(shots, int) and not isinstance(shots, bool) and shots >= 0):
+        raise ConfigError(f"task.num_fewshot={shots} must be a non-negative integer or null")
     if task.names is None:
-        if task.split not in data.SPLITS:
-            raise ConfigError(f"task.split={task.split!r} is not one of {data.SPLITS}")
-        data.check_available(cfg.data, task.split)
+        perplexity.validate_text(cfg)
         return
+    require_seq_len(cfg)
+    require_positive(task, "batch_size")
     names = list(task.names)
     if not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"task.names={names} must be a non-empty list of lm-eval task names")
@@ -60,8 +54,7 @@ def validate(cfg: DictConfig) -> None:
             close = difflib.get_close_matches(name, known, n=5)
             raise ConfigError(f"task.names: {name!r} is not an installed lm-eval task" + (f"; did you mean {close}?" if close else ""))
     from_hub = [n for n in names if n in installed]
-    cached = os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if from_hub and not cached and not hub.hub_reachable():
+    if from_hub and not hub.env_flag("HF_DATASETS_OFFLINE") and not hub.hub_reachable():
         raise UnavailableError(
             f"task.names {from_hub} read their data from the Hugging Face hub, which is not reachable. Use "
             "task=wikitext_harness (offline), task YAMLs of your own over local files (task.include_path), or "
@@ -115,21 +108,6 @@ def write_local_task(folder: Path, text: str) -> Path:
     return folder
 
 
-@contextmanager
-def _offline():
-    """Keep the hub libraries from reaching out while the local task loads its json file."""
-    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    os.environ.update({k: "1" for k in saved})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def flatten(results: dict) -> dict:
     """``{task/metric: value}`` for the numeric metrics of lm-eval's ``results`` (filters dropped
     when ``none``)."""
@@ -150,17 +128,16 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     out = output_dir(cfg)
     lm = harness_lm(model, tokenizer, task)
     text = None
-    if task.names is None:
-        text = data.scored_text(tokenizer, data.load_text(cfg.data, task.split), task.seq_len, task.max_windows)
-        names, manager, offline = [LOCAL_TASK], _task_manager(write_local_task(out / "harness_tasks", text)), _offline()
+    if task.names is None:  # a json file of our own: lm-eval's json builder reads it with no network
+        _, text = data.scored_windows(tokenizer, data.load_text(cfg.data, task.split), task.seq_len, task.max_windows)
+        names, manager = [LOCAL_TASK], _task_manager(write_local_task(out / "harness_tasks", text))
     else:
-        names, manager, offline = list(task.names), _task_manager(_include(task)), _nothing()
-    with offline:
-        output = simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, limit=task.get("limit"), num_fewshot=task.get("num_fewshot"),
-            bootstrap_iters=0, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-            fewshot_random_seed=cfg.seed,
-        )
+        names, manager = list(task.names), _task_manager(_include(task))
+    output = simple_evaluate(
+        model=lm, tasks=names, task_manager=manager, limit=task.get("limit"), num_fewshot=task.get("num_fewshot"),
+        bootstrap_iters=0, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+    )
     (out / "harness_results.json").write_text(json.dumps(output["results"], indent=2, default=str) + "\n", encoding="utf-8")
     metrics = flatten(output["results"])
     tracker.log_table("harness", ["metric", "value"], [[k, v] for k, v in metrics.items()])
@@ -184,8 +161,3 @@ def _rolling_summary(metrics: dict, tokenizer, text: str) -> dict:
         "num_words": words,
         "num_bytes": data.count_bytes(text),
     }
-
-
-@contextmanager
-def _nothing():
-    yield

@@ -10,7 +10,6 @@ table, ``passkey_heatmap.png`` and W&B; every prompt's answer goes to ``passkey.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -19,16 +18,14 @@ from tqdm.auto import tqdm
 from less_exp import passkey
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
+from less_exp.report_plots import accuracy_heatmap
 from less_exp.runtime import output_dir
+from less_exp.tasks import positive_int, require_positive
 from less_exp.tasks.generate import new_cache
 from less_exp.tracking import Tracker
 
 ROWS_FILE = "passkey.jsonl"
 HEATMAP_FILE = "passkey_heatmap.png"
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def validate(cfg: DictConfig) -> None:
@@ -39,11 +36,9 @@ def validate(cfg: DictConfig) -> None:
     """
     task = cfg.task
     limit = max_positions(cfg.model)
-    for key in ("trials", "digits", "max_new_tokens", "batch_size"):
-        if not _positive_int(task[key]):
-            raise ConfigError(f"task.{key}={task[key]} must be a positive integer")
+    require_positive(task, "trials", "digits", "max_new_tokens", "batch_size")
     lengths = list(task.context_lengths or [])
-    if not lengths or not all(_positive_int(n) for n in lengths) or len(set(lengths)) != len(lengths):
+    if not lengths or not all(positive_int(n) for n in lengths) or len(set(lengths)) != len(lengths):
         raise ConfigError(f"task.context_lengths={lengths} must be a non-empty list of distinct positive integers")
     if max(lengths) + task.max_new_tokens > limit:
         raise ConfigError(
@@ -98,7 +93,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     title = f"passkey retrieval: {cfg.model.name}, policy={cfg.policy.name}"
-    heatmap = plot_heatmap(grid, lengths, depths, out_dir / HEATMAP_FILE, title)
+    heatmap = accuracy_heatmap(grid, lengths, depths, out_dir / HEATMAP_FILE, title)
     columns = list(rows[0])
     tracker.log_table("passkey", columns, [[r[c] for c in columns] for r in rows])
     tracker.log_table("passkey_grid", ["context_length", *map(str, depths)], [[n, *accs] for n, accs in zip(lengths, grid)])
@@ -123,23 +118,3 @@ def format_table(grid: list[list[float]], lengths: list[int], depths: list[float
     for n, accs in zip(lengths, grid):
         lines.append(f"{n:>8} | " + " ".join(f"{a:>6.2f}" for a in accs) + f" | {_mean(accs):>6.2f}")
     return "\n".join(lines)
-
-
-def plot_heatmap(grid: list[list[float]], lengths: list[int], depths: list[float], path: Path, title: str) -> Path:
-    """Accuracy heatmap (context length down, depth across, 0 red to 1 green), cells annotated."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
-
-    fig = Figure(figsize=(max(5.0, 2.0 + 0.8 * len(depths)), 1.8 + 0.5 * len(lengths)), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_xlabel("depth of the passkey (0 = start, 1 = end)")
-    ax.set_ylabel("context length (tokens)")
-    ax.set_title(title, fontsize=9)
-    for y, accs in enumerate(grid):
-        for x, acc in enumerate(accs):
-            ax.text(x, y, f"{acc:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=ax, label="accuracy")
-    fig.savefig(path, dpi=120)
-    return path

@@ -11,6 +11,7 @@ as lm-eval does, so ``task=wikitext_harness`` can be checked against this task.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from less_exp import data
 from less_exp.errors import ConfigError
-from less_exp.models import max_positions
+from less_exp.tasks import positive_int, require_positive, require_seq_len
 from less_exp.tracking import Tracker
 
 WINDOWS = ("disjoint", "rolling")
@@ -28,16 +29,19 @@ WINDOWS = ("disjoint", "rolling")
 
 def validate(cfg: DictConfig) -> None:
     """Check the task's values against the model and the data before anything heavy runs."""
+    validate_text(cfg)
+    if cfg.task.get("windows", "disjoint") not in WINDOWS:
+        raise ConfigError(f"task.windows={cfg.task.windows!r} is not one of {WINDOWS}")
+
+
+def validate_text(cfg: DictConfig) -> None:
+    """The windows of the scored text (shared with ``task=wikitext_harness``): seq_len, count,
+    batch size, and the split on disk or on the hub."""
     task = cfg.task
-    limit = max_positions(cfg.model)
-    if not isinstance(task.seq_len, int) or not 2 <= task.seq_len <= limit:
-        raise ConfigError(f"task.seq_len={task.seq_len} must be an integer in [2, {limit}] (model.max_length)")
-    if task.max_windows is not None and (not isinstance(task.max_windows, int) or task.max_windows < 1):
+    require_seq_len(cfg)
+    if task.max_windows is not None and not positive_int(task.max_windows):
         raise ConfigError(f"task.max_windows={task.max_windows} must be a positive integer or null (all windows)")
-    if not isinstance(task.batch_size, int) or task.batch_size < 1:
-        raise ConfigError(f"task.batch_size={task.batch_size} must be a positive integer")
-    if task.get("windows", "disjoint") not in WINDOWS:
-        raise ConfigError(f"task.windows={task.windows!r} is not one of {WINDOWS}")
+    require_positive(task, "batch_size")
     if task.split not in data.SPLITS:
         raise ConfigError(f"task.split={task.split!r} is not one of {data.SPLITS}")
     data.check_available(cfg.data, task.split)
@@ -64,32 +68,28 @@ def rolling_windows(ids: list[int], prefix: int, seq_len: int) -> list[tuple[lis
     return windows
 
 
-def _batches(tokenizer, split_text: str, text: str, task: DictConfig) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int]], int]:
+def _batches(tokenizer, windows: torch.Tensor, text: str, task: DictConfig) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int]], int]:
     """``(inputs [b, L], targets [b, n], start)`` batches, where logits ``start..start+n-1`` predict
-    the targets, and the number of windows. Disjoint windows cut the whole split's tokens; rolling
+    the targets, and the number of windows. Disjoint mode uses the split's ``windows``; rolling
     windows tokenize the scored ``text`` alone, as the harness does."""
     if task.get("windows", "disjoint") == "disjoint":
-        windows = data.token_windows(tokenizer, split_text, task.seq_len, task.max_windows)
         return [(w, w[:, 1:], 0) for w in windows.split(task.batch_size)], len(windows)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     pairs = rolling_windows(ids, prefix_token_id(tokenizer), task.seq_len)
-    batches, group = [], []
-    for inputs, targets in pairs + [([], [])]:
-        shape = (len(inputs), len(targets))
-        if group and (shape != (len(group[0][0]), len(group[0][1])) or len(group) == task.batch_size):
-            width, n = len(group[0][0]), len(group[0][1])
-            batches.append((torch.tensor([g[0] for g in group]), torch.tensor([g[1] for g in group]), width - n))
-            group = []
-        group.append((inputs, targets))
+    batches = []
+    for (width, n), same_shape in itertools.groupby(pairs, key=lambda p: (len(p[0]), len(p[1]))):
+        same_shape = list(same_shape)
+        for i in range(0, len(same_shape), task.batch_size):
+            chunk = same_shape[i : i + task.batch_size]
+            batches.append((torch.tensor([c[0] for c in chunk]), torch.tensor([c[1] for c in chunk]), width - n))
     return batches, len(pairs)
 
 
 def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     """Token, word and byte perplexity, bits per byte and the counts behind them on ``cfg.data``'s split."""
     task = cfg.task
-    split_text = data.load_text(cfg.data, task.split)
-    text = data.scored_text(tokenizer, split_text, task.seq_len, task.max_windows)
-    batches, num_windows = _batches(tokenizer, split_text, text, task)
+    windows, text = data.scored_windows(tokenizer, data.load_text(cfg.data, task.split), task.seq_len, task.max_windows)
+    batches, num_windows = _batches(tokenizer, windows, text, task)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     with torch.inference_mode(), tqdm(total=num_windows, desc="perplexity", unit="window") as bar:

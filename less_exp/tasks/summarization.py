@@ -27,6 +27,7 @@ from less_exp import data
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.runtime import output_dir
+from less_exp.tasks import positive_int, require_positive
 from less_exp.tasks.generate import new_cache
 from less_exp.tracking import Tracker
 
@@ -44,10 +45,8 @@ def dataset(cfg: DictConfig) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     task = cfg.task
-    for key in ("max_new_tokens", "batch_size"):
-        if not isinstance(task[key], int) or task[key] < 1:
-            raise ConfigError(f"task.{key}={task[key]} must be a positive integer")
-    if task.num_samples is not None and (not isinstance(task.num_samples, int) or task.num_samples < 1):
+    require_positive(task, "max_new_tokens", "batch_size")
+    if task.num_samples is not None and not positive_int(task.num_samples):
         raise ConfigError(f"task.num_samples={task.num_samples} must be a positive integer or null (every record)")
     if task.do_sample and not task.temperature > 0:
         raise ConfigError(f"task.temperature={task.temperature} must be > 0 when task.do_sample=true")
