@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from less_exp.adapter import attention_modules
 from less_exp.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -63,8 +64,6 @@ def _locked(root: Path):
 # ------------------------------------------------------------------------------ identity
 def header(cfg: DictConfig, model: torch.nn.Module, states, budget) -> dict:
     """What a checkpoint must match: model, policy (with its budget), feature map, normaliser."""
-    from less_exp.compression import attention_modules
-
     config = model.config
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     policy.pop("baseline_plus", None)

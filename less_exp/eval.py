@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from less_exp import checkpoints, compression, paths, runtime, tasks
+from less_exp import checkpoints, factory, paths, runtime, tasks
 from less_exp.models import load_model
 
 JOB = "eval"
@@ -19,7 +19,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Validate, load the model, apply compression, run ``cfg.task``; write and return its metrics."""
     task = tasks.get(cfg.task.get("module") or cfg.task.name)
     runtime.validate(cfg)
-    compression.validate(cfg)
+    factory.validate(cfg)
     if cfg.get("checkpoint"):
         checkpoints.check(cfg)
     task.validate(cfg)
@@ -27,9 +27,9 @@ def evaluate(cfg: DictConfig) -> dict:
     device = runtime.resolve_device(cfg.device)
     with runtime.Job(cfg, JOB) as job:
         model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
-        model = compression.apply(model, cfg)
+        model = factory.apply(model, cfg)
         metrics = task.run(model, tokenizer, cfg, job.tracker)
-        for key, value in compression.summary(model, cfg, metrics.get("budget_length")).items():
+        for key, value in factory.summary(model, cfg, metrics.get("budget_length")).items():
             metrics.setdefault(key, value)
         results = job.finish(metrics)
     print(f"{cfg.task.name}: " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from less_exp import compression, paths, runtime, training
+from less_exp import factory, paths, runtime, training
 from less_exp.models import load_model
 
 JOB = "train"
@@ -20,7 +20,7 @@ def train(cfg: DictConfig) -> dict:
     """Validate, load the frozen model, run the training mode; write and return its metrics."""
     mode = training.get(cfg.training.mode)
     runtime.validate(cfg)
-    compression.validate(cfg)
+    factory.validate(cfg)
     mode.validate(cfg)
     runtime.seed_everything(cfg.seed)
     device = runtime.resolve_device(cfg.device)

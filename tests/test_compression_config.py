@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from less_exp.compression import apply, compression_of, validate
+from less_exp.adapter import compression_of
+from less_exp.factory import apply, validate
 from less_exp.errors import ConfigError
 from less_exp.eval import evaluate
 from less_exp.models import load_model

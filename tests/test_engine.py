@@ -6,11 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from less_exp.cache import LessCache
-from less_exp.compression import build
+from less_exp.adapter import CACHE_ARG, LessCache, build, cache_kwargs
 from less_exp.policies import H2O, TOVA, Full, Sink, Window
 from less_exp.state import JointNormalizer, LessMLP, LessStates
-from less_exp.tasks.consistency import decode_logits, max_abs_logit_diff
+from less_exp.tasks.consistency import batch, decode_logits, max_abs_logit_diff, sdpa_logit_diff
 from less_exp.tiny import build_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -24,8 +23,8 @@ POLICIES = {
 }
 
 
-def tiny(name):
-    model, tok = build_tiny(OmegaConf.load(CONF / f"{name}.yaml"), torch.float32)
+def tiny(name, dtype=torch.float32):
+    model, tok = build_tiny(OmegaConf.load(CONF / f"{name}.yaml"), dtype)
     return model.eval().requires_grad_(False), tok
 
 
@@ -51,6 +50,53 @@ def test_parallel_and_decoding_agree(family, policy, with_state):
     model, _ = tiny(family)
     build(model, POLICIES[policy](), states_for(model) if with_state else None)
     assert max_abs_logit_diff(model, ids(), prefill=9) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_mistral"], ids=["gqa", "mha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("with_state", [False, True], ids=["plain", "less"])
+def test_forms_agree_in_every_dtype(family, dtype, policy, with_state):
+    """Parallel form vs decoding, token by token and in chunks, with a left-padded second row whose
+    padding continues past the prefill. In half precision the bound is the model's own noise: the same
+    comparison on transformers' sdpa + DynamicCache (twice it, or a few ulps of the logits)."""
+    model, _ = tiny(family, dtype)
+    x, mask = batch(ids(48), pad=9, pad_token_id=0)
+    floor = sdpa_logit_diff(model, x, mask, prefill=5, chunk=4)
+    build(model, POLICIES[policy](), states_for(model) if with_state else None)
+    with torch.no_grad():
+        scale = float(model(x, attention_mask=mask).logits.abs().max())
+    eps = torch.finfo(dtype).eps
+    bound = 1e-4 if dtype == torch.float32 else max(2 * floor, 4 * eps * scale)
+    assert max_abs_logit_diff(model, x, mask, prefill=5, chunk=1) <= bound
+    assert max_abs_logit_diff(model, x, mask, prefill=5, chunk=4) <= bound
+    assert max_abs_logit_diff(model, x, mask, prefill=16, chunk=7) <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_less_in_half_precision_is_finite_and_close_to_float32(dtype):
+    """The untrained state (key scale 1e-4) used to give NaN in float16; a strong one must stay finite too."""
+    x = ids(64)
+    for scale in (1e-4, 1.0):
+        outs = []
+        for dt in (torch.float32, dtype):
+            model, _ = tiny("tiny_llama", dt)
+            build(model, Sink(sink=2, recent=6), states_for(model, key_scale=scale))
+            with torch.no_grad():
+                outs.append(model(x).logits.float())
+        assert torch.isfinite(outs[1]).all()
+        nll = [torch.nn.functional.cross_entropy(o[0, :-1], x[0, 1:]) for o in outs]
+        assert abs(float(nll[1] / nll[0]) - 1) < 0.01
+
+
+def test_padding_while_decoding_is_not_admitted():
+    """A row whose padding arrives during decoding must equal the same row without the padding."""
+    model, _ = tiny("tiny_llama")
+    build(model, H2O(heavy=4, recent=3), states_for(model))
+    x, mask = batch(ids(40), pad=12, pad_token_id=0)
+    together = decode_logits(model, x, mask, prefill=4)
+    alone = decode_logits(model, x[1:, 12:], None, prefill=4)
+    torch.testing.assert_close(together[1, 12:], alone[0], atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -92,7 +138,7 @@ def test_generate_with_real_cache_matches_parallel_greedy():
     model, _ = tiny("tiny_llama")
     build(model, H2O(heavy=4, recent=4), states_for(model))
     prompt = ids(12)
-    out = model.generate(prompt, past_key_values=LessCache(model), max_new_tokens=20, do_sample=False,
+    out = model.generate(prompt, **cache_kwargs(LessCache(model)), max_new_tokens=20, do_sample=False,
                          min_new_tokens=20)
     seq = prompt
     for _ in range(20):
@@ -108,9 +154,9 @@ def test_cache_memory_is_constant(policy):
     cache = LessCache(model)
     sizes = []
     with torch.no_grad():
-        model(ids(10), past_key_values=cache, use_cache=True)
+        model(ids(10), **cache_kwargs(cache), use_cache=True)
         for t in range(60):
-            model(ids(1, seed=t), past_key_values=cache, use_cache=True)
+            model(ids(1, seed=t), **cache_kwargs(cache), use_cache=True)
             if t in (20, 59):
                 sizes.append(cache.nbytes())
     assert sizes[0] == sizes[1]
@@ -125,9 +171,9 @@ def test_full_cache_grows():
     build(model, Full(), None)
     cache = LessCache(model)
     with torch.no_grad():
-        model(ids(10), past_key_values=cache, use_cache=True)
+        model(ids(10), **cache_kwargs(cache), use_cache=True)
         first = cache.nbytes()["kv"]
-        model(ids(1), past_key_values=cache, use_cache=True)
+        model(ids(1), **cache_kwargs(cache), use_cache=True)
     assert cache.nbytes()["kv"] > first
 
 
@@ -137,7 +183,7 @@ def test_decoding_without_less_cache_fails_clearly():
     with torch.no_grad():
         out = model(ids(10), use_cache=True)
         with pytest.raises(RuntimeError, match="LessCache"):
-            model(ids(1), past_key_values=out.past_key_values, use_cache=True)
+            model(ids(1), **cache_kwargs(getattr(out, CACHE_ARG)), use_cache=True)
 
 
 def test_unsupported_model_fails_before_work():
@@ -153,27 +199,28 @@ def test_batched_generate_with_left_padding_matches_single_prompts():
     prompts = ["a longer prompt with several words", "short one"]
     batch = tok(prompts, return_tensors="pt", padding=True)
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    together = model.generate(**batch, past_key_values=LessCache(model), **kwargs)[:, batch.input_ids.shape[1]:]
+    together = model.generate(**batch, **cache_kwargs(LessCache(model)), **kwargs)[:, batch.input_ids.shape[1]:]
     for row, prompt in enumerate(prompts):
         single = tok(prompt, return_tensors="pt")
-        alone = model.generate(**single, past_key_values=LessCache(model), **kwargs)[:, single.input_ids.shape[1]:]
+        alone = model.generate(**single, **cache_kwargs(LessCache(model)), **kwargs)[:, single.input_ids.shape[1]:]
         assert torch.equal(together[row], alone[0])
 
 
+@pytest.mark.parametrize("family", ["tiny_mistral", "tiny_qwen2"], ids=["mha", "gqa"])
 @pytest.mark.parametrize("policy", ["full", "sink", "h2o", "tova"])
 @pytest.mark.parametrize("bounds", [[0, 9, 14, 21, 22, 30, 31, 40], [0, 3, 16, 40]], ids=["full-cache", "filling"])
-def test_chunked_prefill_matches_parallel(policy, bounds):
+def test_chunked_prefill_matches_parallel(family, policy, bounds):
     """Prefill, then chunks of several tokens, then single tokens: all equal the parallel form.
 
     In "filling" the cache is below its budget when a chunk starts, so evictions begin mid-chunk.
     """
-    model, _ = tiny("tiny_mistral")
+    model, _ = tiny(family)
     build(model, POLICIES[policy](), states_for(model))
     x = ids(40)
     with torch.no_grad():
         parallel = model(x, use_cache=False).logits
         cache = LessCache(model)
-        pieces = [model(x[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in zip(bounds, bounds[1:])]
+        pieces = [model(x[:, a:b], **cache_kwargs(cache), use_cache=True).logits for a, b in zip(bounds, bounds[1:])]
     torch.testing.assert_close(torch.cat(pieces, 1), parallel, atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == 40
 
@@ -183,7 +230,7 @@ def test_beam_search_reorders_the_whole_cache():
     model, _ = tiny("tiny_llama")
     build(model, H2O(heavy=2, recent=2), states_for(model))
     prompt = ids(12)
-    out = model.generate(prompt, past_key_values=LessCache(model), num_beams=3, num_return_sequences=3,
+    out = model.generate(prompt, **cache_kwargs(LessCache(model)), num_beams=3, num_return_sequences=3,
                          max_new_tokens=24, min_new_tokens=24, do_sample=False, length_penalty=0.0,
                          return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
@@ -199,12 +246,12 @@ def test_reorder_moves_every_per_row_tensor():
     a, b, nxt = ids(20, seed=3), ids(20, seed=4), ids(1, seed=5)
     with torch.no_grad():
         cache = LessCache(model)
-        model(torch.cat([a, b]), past_key_values=cache, use_cache=True)
+        model(torch.cat([a, b]), **cache_kwargs(cache), use_cache=True)
         cache.reorder_cache(torch.tensor([1, 0]))
-        swapped = model(torch.cat([nxt, nxt]), past_key_values=cache, use_cache=True).logits
+        swapped = model(torch.cat([nxt, nxt]), **cache_kwargs(cache), use_cache=True).logits
         alone = []
         for row in (b, a):
             single = LessCache(model)
-            model(row, past_key_values=single, use_cache=True)
-            alone.append(model(nxt, past_key_values=single, use_cache=True).logits)
+            model(row, **cache_kwargs(single), use_cache=True)
+            alone.append(model(nxt, **cache_kwargs(single), use_cache=True).logits)
     torch.testing.assert_close(swapped, torch.cat(alone), atol=1e-5, rtol=1e-5)

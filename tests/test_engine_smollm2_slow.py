@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from less_exp.compression import build
+from less_exp.adapter import build
 from less_exp.models import load_model
 from less_exp.policies import H2O, TOVA, Full, Sink, Window
 from less_exp.state import JointNormalizer, LessMLP, LessStates

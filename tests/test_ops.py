@@ -1,75 +1,209 @@
-"""Parallel and recurrent LESS attention against the naive reference."""
+"""The ops against their float64 references: every form of the evicted-stream linear attention, the
+LESS parallel form (schedule + sparse part + state) against explicit kept and evicted sets, and the
+joint normaliser's edge cases, in float32, bfloat16 and float16 inputs."""
 
 import pytest
 import torch
 
-from less_exp.ops import attention_logits, fold, parallel_less_attention, recurrent_less_step
-from less_exp.ops.naive import naive_less_attention
-from less_exp.policies import H2O, Sink
-from less_exp.state import JointNormalizer, LessMLP, LessState
+from less_exp.adapter.compression import Compression
+from less_exp.ops import (
+    attention_logits,
+    chunk_linear_attention,
+    gather_stream,
+    joint_normalize,
+    linear_attention,
+    parallel_linear_attention,
+    recurrent_linear_attention,
+    sparse_attention,
+)
+from less_exp.ops.naive import naive_less_attention, naive_linear_attention
+from less_exp.policies import H2O, TOVA, Sink, Window
+from less_exp.state import Elu1, JointNormalizer, LessMLP, LessState, LessStates
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _state(d=8, H=4, Hkv=2, scale=1.0):
+def _stream(B=2, Hkv=2, G=3, T=21, D=5, d=4, seed=0, holes=True):
+    gen = torch.Generator().manual_seed(seed)
+    phi = torch.rand(B, Hkv, G, T, D, generator=gen)
+    psi = torch.rand(B, Hkv, T, D, generator=gen)
+    if holes:  # steps where nothing was evicted
+        psi = psi * (torch.rand(B, Hkv, T, 1, generator=gen) > 0.3)
+    v = torch.randn(B, Hkv, T, d, generator=gen)
+    initial = torch.cat([torch.randn(B, Hkv, D, d, generator=gen), torch.rand(B, Hkv, D, 1, generator=gen)], -1)
+    return phi, psi, v, initial
+
+
+FORMS = {
+    "parallel": parallel_linear_attention,
+    "recurrent": recurrent_linear_attention,
+    **{f"chunk{c}": (lambda c: lambda *a: chunk_linear_attention(*a, chunk_size=c))(c) for c in (1, 7, 64, 21)},
+    "dispatch": linear_attention,
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_linear_attention_forms_match_naive(form, with_initial):
+    phi, psi, v, initial = _stream()
+    initial = initial if with_initial else None
+    num, den, final = FORMS[form](phi, psi, v, initial)
+    ref_num, ref_den, ref_final = naive_linear_attention(phi, psi, v, initial)
+    torch.testing.assert_close(num.double(), ref_num, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(den.double(), ref_den, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final.double(), ref_final, atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_gradients_match_parallel():
+    phi, psi, v, initial = _stream(T=30)
+    grads = []
+    for form in (parallel_linear_attention, lambda *a: chunk_linear_attention(*a, chunk_size=8)):
+        leaves = [x.clone().requires_grad_(True) for x in (phi, psi, v, initial)]
+        num, den, final = form(*leaves)
+        (num.square().sum() + den.sum() + final.square().sum()).backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_one_step_at_a_time_equals_one_pass():
+    """Decoding carries the state from step to step; the result must equal a single chunked pass."""
+    phi, psi, v, initial = _stream(T=12)
+    whole = chunk_linear_attention(phi, psi, v, initial, chunk_size=5)
+    state, nums = initial, []
+    for t in range(12):
+        num, _, state = linear_attention(phi[:, :, :, t : t + 1], psi[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        nums.append(num)
+    torch.testing.assert_close(torch.cat(nums, 3), whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, whole[2], atol=1e-5, rtol=1e-5)
+
+
+def _qkv(B=2, H=4, Hkv=2, S=14, d=8, dtype=torch.float32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, S, d, generator=gen).to(dtype) for h in (H, Hkv, Hkv)]
+
+
+def _comp(policy, states, H=4, Hkv=2, d=8):
+    return Compression(policy=policy, states=states, num_layers=1, num_heads=H, num_kv_heads=Hkv, head_dim=d,
+                       max_positions=4096, chunk_size=4)
+
+
+def _states(kind="mlp", d=8, H=4, Hkv=2, scale=1.0):
     torch.manual_seed(0)
-    fm = LessMLP(d, H, Hkv, hidden=16, features=4, key_scale_init=scale, dropout=0.0)
-    return LessState(fm, JointNormalizer(), d).eval()
+    make = {
+        "mlp": lambda: LessMLP(d, H, Hkv, hidden=16, features=4, key_scale_init=scale, dropout=0.0),
+        "elu1": lambda: Elu1(d, H, Hkv, key_scale_init=scale),
+    }[kind]
+    return LessStates.build(make, JointNormalizer, 1, d).eval()
 
 
-def _qkv(B=2, H=4, Hkv=2, S=12, d=8):
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randn(B, h, S, d, generator=gen) for h in (H, Hkv, Hkv)]
+POLICIES = [Window(recent=4), Sink(sink=1, recent=3), H2O(heavy=2, recent=2), TOVA(heavy=3, recent=1)]
 
 
-@pytest.mark.parametrize("policy", [Sink(sink=1, recent=3), H2O(heavy=2, recent=2)], ids=lambda p: p.name)
-@pytest.mark.parametrize("with_state", [False, True])
-def test_parallel_matches_naive(policy, with_state):
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("kind", [None, "mlp", "elu1"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_parallel_form_matches_naive(policy, kind, padded):
     q, k, v = _qkv()
-    scaling = 8**-0.5
-    valid = torch.ones(2, 12, dtype=torch.bool)
-    keep, _, _ = policy.keep_mask(policy.budget(), valid, 2, attention_logits(q, k, scaling))
-    state = _state() if with_state else None
-    out = parallel_less_attention(q, k, v, keep, valid, scaling, state)
-    ref = naive_less_attention(q, k, v, keep, scaling, state)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    if with_state:
-        plain = parallel_less_attention(q, k, v, keep, valid, scaling, None)
+    valid = torch.ones(2, 14, dtype=torch.bool)
+    if padded:
+        valid[1, :3] = False
+        valid[1, 9] = False  # a hole in the middle is skipped like left padding
+    states = None if kind is None else _states(kind)
+    comp = _comp(policy, states)
+    out, prefill = comp.parallel(0, q, k, v, valid, 8**-0.5)
+    keep = prefill.schedule.keep
+    phi = psi = None
+    if states is not None:
+        phi, psi = states[0].phi(q), states[0].psi(k)
+    ref = naive_less_attention(q, k, v, keep, 8**-0.5, phi, psi, valid)
+    rows = valid[:, None, :, None]
+    torch.testing.assert_close((out * rows).double(), ref * rows, atol=1e-5, rtol=1e-5)
+    if states is not None:
+        plain, _ = _comp(policy, None).parallel(0, q, k, v, valid, 8**-0.5)
         assert (out - plain).abs().max() > 1e-2, "a state with weight must change the output"
 
 
-def test_recurrent_steps_match_parallel():
-    """Fold each evicted token into (H, z) as it leaves; every step must equal the parallel row."""
-    q, k, v = _qkv()
-    scaling = 8**-0.5
-    policy, state = Sink(sink=1, recent=3), _state()
-    valid = torch.ones(2, 12, dtype=torch.bool)
-    keep, _, _ = policy.keep_mask(policy.budget(), valid, 2, None)
-    par = parallel_less_attention(q, k, v, keep, valid, scaling, state)
-    H = torch.zeros(2, 2, 4, 8)
-    z = torch.zeros(2, 2, 4)
-    folded = torch.zeros(2, 2, 12, dtype=torch.bool)
-    for t in range(12):
-        leaving = ~keep[:, :, t, : t + 1] & ~folded[..., : t + 1]
-        H, z = fold(state, k[:, :, : t + 1], v[:, :, : t + 1], leaving, H, z)
-        folded[..., : t + 1] |= leaving
-        out, _ = recurrent_less_step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], keep[:, :, t, : t + 1], scaling, state, H, z)
-        torch.testing.assert_close(out[:, :, 0], par[:, :, t], atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
+def test_evicted_stream_is_what_the_keep_masks_drop(policy):
+    """One token leaves per step past the budget and never comes back: the stream is the mask's diff."""
+    q, k, _ = _qkv()
+    valid = torch.ones(2, 14, dtype=torch.bool)
+    valid[0, :2] = False
+    sched = policy.keep_mask(policy.budget(), valid, 2, attention_logits(q, k, 0.35))
+    B, Hkv, S, _ = sched.keep.shape
+    for b in range(B):
+        for h in range(Hkv):
+            gone = set()
+            for t in range(S):
+                if not valid[b, t]:
+                    assert sched.evicted[b, h, t] == -1
+                    continue
+                if sched.evicted[b, h, t] >= 0:
+                    gone.add(int(sched.evicted[b, h, t]))
+                dropped = {s for s in range(t + 1) if valid[b, s] and not sched.keep[b, h, t, s]}
+                assert dropped == gone, (b, h, t)
 
 
 def test_untrained_state_is_the_plain_policy():
     q, k, v = _qkv()
-    policy = H2O(heavy=2, recent=2)
-    valid = torch.ones(2, 12, dtype=torch.bool)
-    keep, _, _ = policy.keep_mask(policy.budget(), valid, 2, attention_logits(q, k, 0.35))
-    plain = parallel_less_attention(q, k, v, keep, valid, 0.35)
-    fresh = parallel_less_attention(q, k, v, keep, valid, 0.35, _state(scale=1e-4))
+    plain, _ = _comp(H2O(heavy=2, recent=2), None).parallel(0, q, k, v, None, 0.35)
+    fresh, _ = _comp(H2O(heavy=2, recent=2), _states(scale=1e-4)).parallel(0, q, k, v, None, 0.35)
     torch.testing.assert_close(fresh, plain, atol=1e-3, rtol=1e-3)
 
 
-def test_state_gradients_flow_only_to_state():
-    q, k, v = _qkv()
-    state = _state().train()
-    policy = Sink(sink=1, recent=3)
-    keep, _, _ = policy.keep_mask(policy.budget(), torch.ones(2, 12, dtype=torch.bool), 2)
-    out = parallel_less_attention(q, k, v, keep, None, 0.35, state)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("policy", [Sink(sink=1, recent=3), H2O(heavy=2, recent=2)], ids=lambda p: p.name)
+def test_half_precision_inputs_give_the_float32_result(dtype, policy):
+    """Inside, everything is float32: half inputs differ from float32 ones only by their own rounding."""
+    q, k, v = _qkv(dtype=dtype)
+    states = _states(scale=1e-4)  # the untrained start: the state's share is tiny, where float16 used to give NaN
+    out, prefill = _comp(policy, states).parallel(0, q, k, v, None, 8**-0.5)
+    ref, ref_prefill = _comp(policy, states).parallel(0, q.float(), k.float(), v.float(), None, 8**-0.5)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(prefill.schedule.keep, ref_prefill.schedule.keep)
+
+
+def test_joint_normalize_edge_cases():
+    gen = torch.Generator().manual_seed(0)
+    o_sparse = torch.randn(2, 3, 4, generator=gen)
+    lse = torch.tensor([[-200.0, 0.0, 90.0], [5.0, -5.0, 300.0]])
+    num, den = torch.zeros(2, 3, 4), torch.zeros(2, 3)
+    # an empty state adds exactly nothing, whatever the sparse part's scale, with finite gradients
+    leaves = [x.clone().requires_grad_(True) for x in (o_sparse, lse, num, den)]
+    out = joint_normalize(*leaves)
+    assert torch.equal(out, o_sparse)
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+    # half-precision inputs whose denominator underflows in their own dtype stay exact in float32
+    tiny = torch.full((2, 3), 1e-30)
+    ref = joint_normalize(o_sparse, lse, num + 1e-30, tiny)
+    assert torch.isfinite(ref).all()
+    # the state's share follows the log-space ratio of the two denominators
+    mixed = joint_normalize(o_sparse, torch.zeros(2, 3), torch.ones(2, 3, 4), torch.ones(2, 3))
+    torch.testing.assert_close(mixed, 0.5 * o_sparse + 0.5)
+
+
+def test_state_gradients_reach_every_state_parameter_and_nothing_else():
+    q, k, v = [x.requires_grad_(True) for x in _qkv()]
+    states = _states().train()
+    out, _ = _comp(Sink(sink=1, recent=3), states).parallel(0, q.detach(), k.detach(), v.detach(), None, 0.35)
     out.square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in state.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in states.parameters())
+    assert q.grad is None and k.grad is None and v.grad is None
+
+
+def test_gather_stream_masks_steps_without_eviction():
+    x = torch.arange(12.0).reshape(1, 1, 4, 3)
+    out = gather_stream(x, torch.tensor([[[-1, 2, 0, -1]]]))
+    assert torch.equal(out[0, 0], torch.tensor([[0.0, 0, 0], [6, 7, 8], [0, 1, 2], [0, 0, 0]]))
+
+
+def test_sparse_attention_is_float32_for_half_inputs():
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    logits = attention_logits(q, k, 0.35)
+    keep = torch.ones(2, 2, 14, 14, dtype=torch.bool).tril()
+    out, lse, probs = sparse_attention(logits, keep, v)
+    assert logits.dtype == out.dtype == lse.dtype == probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(lse))

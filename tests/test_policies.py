@@ -16,9 +16,11 @@ POLICIES = [
 ]
 
 
-def _inputs(B=2, Hkv=2, G=2, S=17, pad=(0, 4), seed=0):
+def _inputs(B=2, Hkv=2, G=2, S=17, pad=(0, 4), seed=0, ties=False):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, Hkv, G, S, S, generator=gen, dtype=torch.float64) * 2
+    if ties:  # few distinct logits, one query per KV head: many tokens get exactly the same attention
+        logits = torch.randint(-1, 2, (B, Hkv, 1, S, S), generator=gen).double()
     valid = torch.ones(B, S, dtype=torch.bool)
     for b, p in enumerate(pad):
         valid[b, :p] = False
@@ -26,10 +28,12 @@ def _inputs(B=2, Hkv=2, G=2, S=17, pad=(0, 4), seed=0):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: repr(p))
-def test_keep_mask_matches_reference(policy):
-    logits, valid = _inputs()
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_keep_mask_matches_reference(policy, ties):
+    logits, valid = _inputs(ties=ties)
     budget = policy.budget(length=valid.shape[1])
-    keep, present, _ = policy.keep_mask(budget, valid, 2, logits)
+    sched = policy.keep_mask(budget, valid, 2, logits.float())
+    keep, present = sched.keep, sched.present
     ref = reference_keep_sets(policy, budget, valid, 2, logits)
     B, H, S, _ = keep.shape
     for b in range(B):
@@ -43,29 +47,31 @@ def test_keep_mask_matches_reference(policy):
 
 
 @pytest.mark.parametrize("policy", POLICIES[1:], ids=lambda p: repr(p))
-def test_decode_face_matches_parallel_face(policy):
-    """Run ``select_victims`` slot by slot with a small cache, as a real cache does."""
-    logits, valid = _inputs(pad=(0, 0))
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_decode_face_matches_parallel_face(policy, ties):
+    """Run ``victim`` slot by slot with a small cache, as a real cache does: new tokens land in the
+    first free slot, so slots are not in logical order and ties need the explicit tie-break."""
+    logits, valid = _inputs(pad=(0, 0), ties=ties)
     budget = policy.budget(length=valid.shape[1])
-    keep, _, _ = policy.keep_mask(budget, valid, 2, logits)
+    keep = policy.keep_mask(budget, valid, 2, logits.float()).keep
     B, Hkv, G, S, _ = logits.shape
     cap = budget.capacity
     slot_pos = torch.full((B, Hkv, cap + 1), -1, dtype=torch.long)
     present = torch.zeros(B, Hkv, cap + 1, dtype=torch.bool)
-    scores = torch.zeros(B, Hkv, cap + 1, dtype=torch.float64)
+    scores = torch.zeros(B, Hkv, cap + 1, dtype=torch.float32)
     for t in range(S):
         free = (~present).float().argmax(-1)
         slot_pos.scatter_(-1, free[..., None], t)
         present.scatter_(-1, free[..., None], True)
         scores.scatter_(-1, free[..., None], 0.0)
-        evict, victim = policy.select_victims(present, slot_pos, scores, torch.tensor(t), budget)
+        evict, victim = policy.victim(present, slot_pos, scores, torch.tensor(t), budget)
         present.scatter_(-1, victim[..., None], present.gather(-1, victim[..., None]) & ~evict[..., None])
         for b in range(B):
             for h in range(Hkv):
                 got = set(slot_pos[b, h][present[b, h]].tolist())
                 assert got == set(keep[b, h, t].nonzero().flatten().tolist()), (t, b, h)
         if policy.uses_scores:
-            row = logits[..., t, :].gather(-1, slot_pos.clamp_min(0)[:, :, None].expand(B, Hkv, G, cap + 1))
+            row = logits[..., t, :].float().gather(-1, slot_pos.clamp_min(0)[:, :, None].expand(B, Hkv, G, cap + 1))
             probs = torch.softmax(row.masked_fill(~present[:, :, None], float("-inf")), -1).sum(2)
             scores = policy.accumulate(scores, probs)
 

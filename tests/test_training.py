@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from less_exp import checkpoints, eval as eval_job, train as train_job
-from less_exp.compression import attention_modules, compression_of
+from less_exp.adapter import attention_modules, compression_of
 from less_exp.errors import ConfigError
 from less_exp.models import load_model
-from less_exp.ops import parallel_less_attention
+from less_exp.ops import attention_logits, sparse_attention
 from less_exp.policies import Full
 from less_exp.training import record
 from wandb_records import read_run
@@ -149,7 +149,7 @@ def test_eval_loads_the_checkpoint(compose_config, trained):
     assert metrics["state_token_equivalents"] == pytest.approx(4.25)
     assert metrics["perplexity"] != pytest.approx(plain["perplexity"], rel=1e-6)
 
-    from less_exp.compression import apply
+    from less_exp.factory import apply
 
     model, _ = load_model(cfg.model)
     states = compression_of(apply(model, cfg)).states
@@ -241,9 +241,9 @@ def test_records_reproduce_the_attention_output(compose_config, tmp_path):
     assert model.config._attn_implementation == "sdpa"
     module = attention_modules(model)[1]
     rec = torch.load(record.sequence_file(tmp_path, 1, 2))
-    keep, _, _ = Full().keep_mask(Full().budget(), torch.ones(1, 32, dtype=torch.bool), 2)
-    out = parallel_less_attention(rec["q"][None], rec["k"][None], rec["v"][None], keep, None, module.scaling)
-    o = module.o_proj(out.transpose(1, 2).reshape(1, 32, -1))[0]
+    keep = Full().keep_mask(Full().budget(), torch.ones(1, 32, dtype=torch.bool), 2).keep
+    out, _, _ = sparse_attention(attention_logits(rec["q"][None], rec["k"][None], module.scaling), keep, rec["v"][None])
+    o = module.o_proj(out.reshape(1, -1, 32, out.shape[-1]).transpose(1, 2).reshape(1, 32, -1))[0]
     torch.testing.assert_close(o, rec["o"], atol=1e-5, rtol=1e-4)
 
 

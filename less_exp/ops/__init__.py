@@ -1,6 +1,25 @@
-"""Attention math, split like flash-linear-attention: parallel and recurrent forms beside a naive reference."""
+"""Attention math as tensors in, tensors out (flash-linear-attention's split): the sparse part, the
+state part as a causal linear attention over the evicted stream (parallel, chunked, recurrent), the
+joint normaliser, and float64 references in ``naive``. Nothing here knows about modules or models."""
 
-from less_exp.ops.parallel import attention_logits, parallel_less_attention, sparse_attention
-from less_exp.ops.recurrent import fold, recurrent_less_step
+from less_exp.ops.linear_attention import (
+    chunk_linear_attention,
+    gather_stream,
+    linear_attention,
+    parallel_linear_attention,
+    recurrent_linear_attention,
+)
+from less_exp.ops.normalize import joint_normalize
+from less_exp.ops.sparse import attention_logits, kept_probabilities, sparse_attention
 
-__all__ = ["attention_logits", "fold", "parallel_less_attention", "recurrent_less_step", "sparse_attention"]
+__all__ = [
+    "attention_logits",
+    "chunk_linear_attention",
+    "gather_stream",
+    "joint_normalize",
+    "kept_probabilities",
+    "linear_attention",
+    "parallel_linear_attention",
+    "recurrent_linear_attention",
+    "sparse_attention",
+]

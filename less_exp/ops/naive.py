@@ -1,39 +1,61 @@
-"""Reference LESS attention: every sum of DESIGN.md section 2 written out per query, in float64.
+"""Obviously-correct references in float64, written straight from DESIGN.md section 2. Slow on purpose.
 
-Slow on purpose; tests compare the parallel and recurrent forms against it.
+``naive_less_attention`` sums over explicit kept and evicted sets per query; ``naive_linear_attention``
+runs the evicted stream one entry at a time. Tests hold every fast form against them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from less_exp.state import LessState
+
+@torch.no_grad()
+def naive_linear_attention(phi, psi, value, initial=None):
+    """``num_t = phi_t^T (H_0 + sum_{j <= t} psi_j v_j^T)``, ``den_t = phi_t^T (z_0 + sum_{j <= t} psi_j)``."""
+    B, Hkv, G, T, D = phi.shape
+    d = value.shape[-1]
+    H = torch.zeros(B, Hkv, D, d, dtype=torch.float64) if initial is None else initial[..., :d].double().clone()
+    z = torch.zeros(B, Hkv, D, dtype=torch.float64) if initial is None else initial[..., d].double().clone()
+    num = torch.zeros(B, Hkv, G, T, d, dtype=torch.float64)
+    den = torch.zeros(B, Hkv, G, T, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(T):
+                H[b, h] += torch.outer(psi[b, h, t].double(), value[b, h, t].double())
+                z[b, h] += psi[b, h, t].double()
+                for g in range(G):
+                    num[b, h, g, t] = phi[b, h, g, t].double() @ H[b, h]
+                    den[b, h, g, t] = phi[b, h, g, t].double() @ z[b, h]
+    return num, den, torch.cat([H, z[..., None]], -1)
 
 
 @torch.no_grad()
-def naive_less_attention(query, key, value, keep, scaling, state: LessState | None = None) -> torch.Tensor:
-    """``o_t = (A_t + phi(q_t)^T H_t) / (B_t + phi(q_t)^T z_t)`` with explicit kept and evicted sets."""
+def naive_less_attention(query, key, value, keep, scaling, phi=None, psi=None, valid=None) -> torch.Tensor:
+    """``o_t = (A_t + phi(q_t)^T H_t) / (B_t + phi(q_t)^T z_t)`` with explicit kept and evicted sets.
+
+    ``keep [B, Hkv, S, S]``; ``phi [B, H, S, D']`` and ``psi [B, Hkv, S, D']`` are the state's features
+    (None for the plain policy); ``valid [B, S]`` False at padding, which is never evicted.
+    Returns ``[B, H, S, d]`` float64.
+    """
     B, Hq, S, d = query.shape
     Hkv = key.shape[1]
     group = Hq // Hkv
     out = torch.zeros(B, Hq, S, d, dtype=torch.float64)
-    phi = state.phi(query).double() if state is not None else None
-    psi = state.psi(key).double() if state is not None else None
     for b in range(B):
         for h in range(Hq):
             g = h // group
             for t in range(S):
                 kept = [s for s in range(t + 1) if keep[b, g, t, s]]
-                evicted = [s for s in range(t + 1) if not keep[b, g, t, s]]
+                evicted = [s for s in range(t + 1) if not keep[b, g, t, s] and (valid is None or valid[b, s])]
                 scores = torch.stack([(query[b, h, t].double() @ key[b, g, s].double()) * scaling for s in kept])
                 m = scores.max()
                 weights = (scores - m).exp()
                 A = (weights[:, None] * value[b, g, kept].double()).sum(0)
                 Bt = weights.sum()
-                if state is not None and evicted:
-                    Ht = sum(torch.outer(psi[b, g, s], value[b, g, s].double()) for s in evicted)
-                    zt = sum(psi[b, g, s] for s in evicted)
-                    A = A + torch.exp(-m) * (phi[b, h, t] @ Ht)
-                    Bt = Bt + torch.exp(-m) * (phi[b, h, t] @ zt)
+                if phi is not None and evicted:
+                    Ht = sum(torch.outer(psi[b, g, s].double(), value[b, g, s].double()) for s in evicted)
+                    zt = sum(psi[b, g, s].double() for s in evicted)
+                    A = A + torch.exp(-m) * (phi[b, h, t].double() @ Ht)
+                    Bt = Bt + torch.exp(-m) * (phi[b, h, t].double() @ zt)
                 out[b, h, t] = A / Bt
     return out

@@ -1,20 +1,18 @@
 """Eviction policies: which keys stay in the KV cache at every step.
 
-A policy has two faces that must agree (see ``tests/test_policies.py``):
+One step rule, :meth:`EvictionPolicy.victim`: at step ``t`` token ``t`` joins the kept set; if the set
+then holds more than ``capacity = sink + heavy + recent`` tokens, exactly one *unprotected* token
+leaves: the one of lowest priority, ties broken by the lowest logical position. Protected are the
+first ``sink`` tokens and the ``recent`` most recent ones (token ``t`` included, so ``recent >= 1``).
+Each policy only says how it ranks the rest: oldest first (window, sink), lowest accumulated
+attention (H2O), lowest last attention (TOVA). Eviction happens before token ``t`` attends, so every
+query sees at most ``capacity`` keys, a real cache never holds more, and an evicted token never
+comes back. Positions are *logical*: padding is skipped, so padded and unpadded rows are alike.
 
-* ``keep_mask`` (parallel): boolean keep-masks ``[B, Hkv, S, S]`` over a whole sequence, used for
-  training, perplexity and the prefill of a real cache.
-* ``select_victims`` (decode): which cache slot leaves when one token arrives, used by
-  :class:`less_exp.cache.LessCache`.
-
-Both run the same step rule. At step ``t`` token ``t`` joins the kept set; if the set then holds
-more than ``capacity = sink + heavy + recent`` tokens, exactly one *unprotected* token leaves: the
-one with the lowest priority. Protected are the first ``sink`` tokens and the ``recent`` most recent
-ones (token ``t`` included, so ``recent >= 1``). Each policy only says how it ranks the rest:
-oldest first (window, sink), lowest accumulated attention (H2O), lowest last attention (TOVA).
-Eviction happens before token ``t`` attends, so every query sees at most ``capacity`` keys and a
-real cache never holds more. Positions are *logical*: left padding is skipped, so padded and
-unpadded rows are treated alike.
+Three faces call it: :meth:`EvictionPolicy.schedule` runs it token by token over a chunk of new
+tokens on top of a cache's slots (chunked prefill), :meth:`EvictionPolicy.keep_mask` is the same run
+over a whole sequence from an empty cache (training, perplexity, prefill), and the decoding cache
+calls it once per token. ``policies.reference`` is the slow oracle they are tested against.
 """
 
 from __future__ import annotations
@@ -123,72 +121,143 @@ class EvictionPolicy:
     # ------------------------------------------------------------- ranking
     def priority(self, logical: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Rank of each kept token; the lowest unprotected one is evicted. Default: oldest first."""
-        return logical.to(scores.dtype)
+        return logical
 
     def accumulate(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """New per-token scores after a query attended with ``probs`` (summed over a KV head's queries)."""
         return scores
 
-    # ------------------------------------------------------------- step rule
-    def select_victims(
+    # ------------------------------------------------------------- the step rule
+    def victim(
         self,
         present: torch.Tensor,
         logical: torch.Tensor,
         scores: torch.Tensor,
         current: torch.Tensor,
         budget: Budget,
+        ordered: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One eviction step over slots.
+        """The step rule, the one implementation every face calls (decode, chunk and parallel).
 
         Args:
             present: ``[B, Hkv, N]`` bool, slots holding a token (the newest included).
-            logical: ``[B, Hkv, N]`` or broadcastable long, logical position of each slot's token.
-            scores: ``[B, Hkv, N]`` float, the policy's running scores.
-            current: ``[B, 1, 1]`` or broadcastable long, logical position of the newest token.
+            logical: ``[B, Hkv, N]`` long, logical position of each slot's token.
+            scores: ``[B, Hkv, N]`` float32, the policy's running scores.
+            current: ``[B, 1, 1]`` (or broadcastable) long, logical position of the newest token.
+            ordered: the present slots are in logical order, so the first slot of lowest priority is
+                already the one of lowest logical position (saves the tie-break pass).
         Returns:
-            ``(evict, victim)``: ``[B, Hkv]`` bool (whether a slot leaves) and ``[B, Hkv]`` long slot index.
+            ``(evict, victim)``: ``[B, Hkv]`` bool (whether a slot leaves) and ``[B, Hkv]`` long slot: the
+            unprotected token of lowest priority, ties broken by the lowest logical position.
         """
-        evict = present.sum(-1) > budget.capacity
-        protected = (logical < budget.sink) | (logical > current - budget.recent)
-        candidates = present & ~protected
-        rank = torch.where(candidates, self.priority(logical.expand_as(scores), scores), math.inf)
-        victim = rank.argmin(-1)
-        return evict & candidates.any(-1), victim
+        over = present.sum(-1) > budget.capacity
+        candidates = present & (logical >= budget.sink) & (logical <= current - budget.recent)
+        rank = self.priority(logical, scores)
+        if rank is logical:
+            victim = logical.masked_fill(~candidates, torch.iinfo(logical.dtype).max).argmin(-1)
+        elif ordered:
+            victim = rank.masked_fill(~candidates, math.inf).argmin(-1)
+        else:
+            rank = rank.masked_fill(~candidates, math.inf)
+            ties = rank == rank.amin(-1, keepdim=True)
+            victim = logical.masked_fill(~(candidates & ties), torch.iinfo(logical.dtype).max).argmin(-1)
+        return over & candidates.any(-1), victim
+
+    def schedule(
+        self,
+        budget: Budget,
+        arrive: torch.Tensor,
+        num_kv_heads: int,
+        logits: torch.Tensor | None = None,
+        slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> "Schedule":
+        """Run the step rule over ``c`` incoming tokens, one at a time (chunk and parallel faces).
+
+        Args:
+            arrive: ``[B, c]`` bool, False where the incoming token is padding (it is never admitted).
+            logits: ``[B, Hkv, G, c, N + c]`` float32 logits of the incoming queries over the slots and
+                the chunk; needed when the policy ranks by attention.
+            slots: ``(present, logical, scores [B, Hkv, N], count [B])`` of a cache, its present slots in
+                logical order, or None for an empty one (the parallel face over a whole sequence).
+        """
+        if self.uses_scores and logits is None:
+            raise ValueError(f"{self.name} ranks tokens by attention and needs the attention logits")
+        B, c = arrive.shape
+        device = arrive.device
+        heads = num_kv_heads if self.uses_scores else 1  # a ranking that ignores attention is the same for every head
+        if slots is None:
+            slots = (
+                torch.zeros(B, heads, 0, dtype=torch.bool, device=device),
+                torch.zeros(B, heads, 0, dtype=torch.long, device=device),
+                torch.zeros(B, heads, 0, dtype=torch.float32, device=device),
+                torch.zeros(B, dtype=torch.long, device=device),
+            )
+        present0, logical0, scores0, count0 = slots
+        N = present0.shape[-1]
+        current = count0[:, None] + arrive.long().cumsum(-1) - 1
+        new_logical = torch.where(arrive, current, -1)[:, None, :].expand(B, heads, c)
+        present = torch.cat([present0[:, :heads], arrive.new_zeros(B, heads, c)], -1)
+        logical = torch.cat([logical0[:, :heads], new_logical], -1)
+        scores = torch.cat([scores0[:, :heads].float(), scores0.new_zeros(B, heads, c, dtype=torch.float32)], -1)
+        keep = torch.zeros(B, heads, c, N + c, dtype=torch.bool, device=device)
+        evicted = torch.full((B, heads, c), -1, dtype=torch.long, device=device)
+        cap = budget.capacity
+        # a row can only overflow once it holds ``cap`` tokens: before that step no victim is looked for
+        filled = (present0.sum(-1).amax() if N else 0) + arrive.long().cumsum(-1).amax(0)
+        may_evict = (filled > cap).tolist() if cap is not None else [False] * c
+        every_row = bool(arrive.all())
+        if self.uses_scores:
+            # exp(logit - max over the keys a query could see) once; a step's attention is its row
+            # restricted to the kept set, normalised (the decode face gets the same from a log-sum-exp)
+            arrived = (arrive[:, None, :] & torch.ones(c, c, dtype=torch.bool, device=device).tril())[:, None]
+            seen = torch.cat([present0[:, :heads, None, :].expand(B, heads, c, N), arrived.expand(B, heads, c, c)], -1)
+            masked = logits.masked_fill(~seen[:, :, None], -math.inf)
+            weights = (masked - masked.amax(-1, keepdim=True).clamp_min(-1e30)).exp()
+        for j in range(c):
+            here = arrive[:, j, None]
+            present[..., N + j] = here
+            if may_evict[j]:
+                evict, victim = self.victim(present, logical, scores, current[:, j, None, None], budget, ordered=True)
+                present.scatter_(-1, victim[..., None], present.gather(-1, victim[..., None]) & ~evict[..., None])
+                evicted[..., j] = torch.where(evict, victim, -1)
+            keep[:, :, j] = present
+            if self.uses_scores:
+                end = N + j + 1
+                w = weights[:, :, :, j, :end] * present[:, :, None, :end]
+                new = self.accumulate(scores[..., :end], (w / w.sum(-1, keepdim=True)).sum(2))
+                scores[..., :end] = new if every_row else torch.where(here[..., None], new, scores[..., :end])
+        own = torch.zeros(c, N + c, dtype=torch.bool, device=device)
+        own[:, N:] = torch.eye(c, dtype=torch.bool, device=device)
+        keep = torch.where(arrive[:, None, :, None], keep, own)  # a padding query sees only itself
+        if heads != num_kv_heads:
+            keep, evicted, present, logical, scores = (
+                x.expand(B, num_kv_heads, *x.shape[2:]) for x in (keep, evicted, present, logical, scores)
+            )
+        return Schedule(keep, evicted, present, logical, scores, count0 + arrive.long().sum(-1))
 
     # ------------------------------------------------------------- parallel face
     def keep_mask(
-        self,
-        budget: Budget,
-        valid: torch.Tensor,
-        num_kv_heads: int,
-        logits: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep-masks over a whole sequence.
+        self, budget: Budget, valid: torch.Tensor, num_kv_heads: int, logits: torch.Tensor | None = None
+    ) -> "Schedule":
+        """The step rule over a whole sequence from an empty cache (``valid [B, S]``: False at padding).
 
-        Args:
-            valid: ``[B, S]`` bool, False at (left) padding.
-            logits: ``[B, Hkv, G, S, S]`` scaled attention logits, needed when ``uses_scores``.
-        Returns:
-            ``(keep, present, scores)``: ``keep[b, h, t, s]`` says query ``t`` sees key ``s`` (causal,
-            valid keys only; a padding query sees itself); ``present``/``scores`` ``[B, Hkv, S]`` are the
-            kept set and running scores after the last token, which seed a decoding cache.
+        ``keep[b, h, t, s]`` says query ``t`` sees key ``s``; ``evicted[b, h, t]`` is the token that left
+        at step ``t``; ``present``/``scores`` after the last token seed a decoding cache.
         """
-        B, S = valid.shape
-        logical = valid.long().cumsum(-1) - 1
-        causal = torch.ones(S, S, dtype=torch.bool, device=valid.device).tril()
-        keep = causal & valid[:, None, None, :]
-        if budget.capacity is not None:
-            keep = keep & self._static_mask(budget, logical[:, None, :, None], logical[:, None, None, :])
-        keep = keep.expand(B, num_kv_heads, S, S)
-        keep = keep | (~valid[:, None, :, None] & torch.eye(S, dtype=torch.bool, device=valid.device))
-        present = keep[:, :, -1, :] & valid[:, None, :]
-        scores = torch.zeros(present.shape, dtype=torch.float32, device=valid.device)
-        return keep, present, scores
-
-    def _static_mask(self, budget: Budget, q_logical: torch.Tensor, k_logical: torch.Tensor) -> torch.Tensor:
-        """Closed form of the step rule for policies that rank oldest-first (window, sink)."""
-        recent = k_logical > q_logical - budget.recent - budget.heavy
-        return recent | (k_logical < budget.sink)
+        if budget.capacity is None:
+            B, S = valid.shape
+            causal = torch.ones(S, S, dtype=torch.bool, device=valid.device).tril()
+            keep = (causal & valid[:, None, None, :]) | (~valid[:, None, :, None] & torch.eye(S, dtype=torch.bool, device=valid.device))
+            logical = torch.where(valid, valid.long().cumsum(-1) - 1, -1)[:, None].expand(B, num_kv_heads, S)
+            return Schedule(
+                keep.expand(B, num_kv_heads, S, S),
+                torch.full((B, num_kv_heads, S), -1, dtype=torch.long, device=valid.device),
+                valid[:, None].expand(B, num_kv_heads, S),
+                logical,
+                torch.zeros(B, num_kv_heads, S, device=valid.device),
+                valid.long().sum(-1),
+            )
+        return self.schedule(budget, valid, num_kv_heads, logits if self.uses_scores else None)
 
     def describe(self, budget: Budget) -> str:
         if budget.capacity is None:
@@ -198,73 +267,30 @@ class EvictionPolicy:
 
 @dataclass
 class ScoredPolicy(EvictionPolicy):
-    """A policy that ranks tokens by attention; its parallel face runs the step rule token by token."""
+    """A policy that ranks tokens by the attention they receive."""
 
     uses_scores: ClassVar[bool] = True
 
     def priority(self, logical: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores
 
-    def keep_mask(self, budget, valid, num_kv_heads, logits=None):
-        if logits is None:
-            raise ValueError(f"{self.name} ranks tokens by attention and needs the attention logits")
-        B, S = valid.shape
-        device = valid.device
-        lengths = valid.sum(-1).tolist()
-        L = max(lengths)
-        if L == S and min(lengths) == S:
-            return self._run(logits.float(), budget, lengths)
-        # Work in logical positions: drop each row's left padding so that every row starts at 0.
-        shifted = logits.new_zeros(*logits.shape[:3], L, L, dtype=torch.float32)
-        for b, n in enumerate(lengths):
-            shifted[b, ..., :n, :n] = logits[b, ..., S - n :, S - n :]
-        keep_l, present_l, scores_l = self._run(shifted, budget, lengths)
-        keep = torch.zeros(B, num_kv_heads, S, S, dtype=torch.bool, device=device)
-        present = torch.zeros(B, num_kv_heads, S, dtype=torch.bool, device=device)
-        scores = torch.zeros(B, num_kv_heads, S, dtype=torch.float32, device=device)
-        for b, n in enumerate(lengths):
-            keep[b, :, S - n :, S - n :] = keep_l[b, :, :n, :n]
-            present[b, :, S - n :] = present_l[b, :, :n]
-            scores[b, :, S - n :] = scores_l[b, :, :n]
-        keep |= ~valid[:, None, :, None] & torch.eye(S, dtype=torch.bool, device=device)
-        return keep, present, scores
 
-    def _run(self, logits: torch.Tensor, budget: Budget, lengths: list[int]):
-        """The step rule over unpadded rows (row ``b`` is real for its first ``lengths[b]`` tokens).
+@dataclass(frozen=True)
+class Schedule:
+    """What the step rule decided for ``c`` incoming tokens over ``N`` cache slots plus the ``c`` new ones.
 
-        ``weights = exp(logits - row max)`` is computed once; the sparse attention of query ``t`` is
-        then its row restricted to the kept set, normalised. Every step past the budget evicts exactly
-        one token, so no count is needed, and candidates are a slice: logical ``[sink, t - recent]``.
-        """
-        B, Hkv, G, L, _ = logits.shape
-        cap, sink, recent = budget.capacity, budget.sink, budget.recent
-        causal = torch.ones(L, L, dtype=torch.bool, device=logits.device).tril()
-        masked = logits.masked_fill(~causal, -math.inf)
-        weights = (masked - masked.amax(-1, keepdim=True)).exp()
-        keep = causal.expand(B, Hkv, L, L).clone()
-        present = torch.ones(B, Hkv, L, dtype=torch.bool, device=logits.device)
-        first = min(cap, L)
-        probs = weights[..., :first, :first] / weights[..., :first, :first].sum(-1, keepdim=True)
-        probs = probs.sum(2)
-        scores = torch.zeros(B, Hkv, L, dtype=torch.float32, device=logits.device)
-        real = torch.tensor(lengths, device=logits.device)[:, None, None]
-        for t in range(first):
-            new = self.accumulate(scores[..., :first], probs[..., t, :])
-            scores[..., :first] = torch.where(real > t, new, scores[..., :first])
-        final_scores = scores.clone()
-        ends = {}
-        for b, n in enumerate(lengths):
-            ends.setdefault(n - 1, []).append(b)
-        for t in range(first, L):
-            hi = t - recent + 1
-            rank = scores[..., sink:hi].masked_fill(~present[..., sink:hi], math.inf)
-            present.scatter_(-1, rank.argmin(-1, keepdim=True) + sink, False)
-            keep[:, :, t, : t + 1] = present[..., : t + 1]
-            w = weights[..., t, : t + 1] * present[:, :, None, : t + 1]
-            inc = (w / w.sum(-1, keepdim=True)).sum(2)
-            scores[..., : t + 1] = self.accumulate(scores[..., : t + 1], inc)
-            for b in ends.get(t, ()):
-                final_scores[b] = scores[b]
-        final_present = torch.stack([keep[b, :, n - 1] for b, n in enumerate(lengths)])
-        return keep, final_present, final_scores
+    Attributes:
+        keep: ``[B, Hkv, c, N + c]`` bool, the keys each incoming query sees.
+        evicted: ``[B, Hkv, c]`` long, index (into ``N + c``) of the token that left at each step, -1 when
+            none did: the evicted stream that the LESS state absorbs.
+        present, logical, scores: ``[B, Hkv, N + c]`` kept set, logical positions and running scores
+            after the last step.
+        count: ``[B]`` tokens seen after the last step (padding excluded).
+    """
 
+    keep: torch.Tensor
+    evicted: torch.Tensor
+    present: torch.Tensor
+    logical: torch.Tensor
+    scores: torch.Tensor
+    count: torch.Tensor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from less_exp.ops.linear_attention import linear_attention
 from less_exp.state.feature_maps import FeatureMap
 from less_exp.state.normalizers import JointNormalizer
 
@@ -12,9 +13,10 @@ from less_exp.state.normalizers import JointNormalizer
 class LessState(nn.Module):
     """One layer's trainable state parameters (the base model stays frozen).
 
-    The recurrent state itself (``H [B, Hkv, D', d]``, ``z [B, Hkv, D']``) lives in the cache; this
-    module holds the maps that write it (``psi``, per KV head) and read it (``phi``, per query head)
-    and the normaliser that mixes the read-out with the sparse attention.
+    The recurrent state itself (``[H | z]``, ``[B, Hkv, D', d + 1]``) lives in the cache; this module
+    holds the maps that write it (``psi``, per KV head) and read it (``phi``, per query head) and the
+    normaliser that mixes the read-out with the sparse attention. It runs in float32 whatever the
+    model's dtype: it is tiny, and its sums must not round away.
     """
 
     def __init__(self, feature_map: FeatureMap, normalizer: nn.Module, head_dim: int):
@@ -32,6 +34,34 @@ class LessState(nn.Module):
 
     def psi(self, k: torch.Tensor) -> torch.Tensor:
         return self.feature_map.key(k)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        stream_key: torch.Tensor,
+        stream_value: torch.Tensor,
+        has: torch.Tensor,
+        o_sparse: torch.Tensor,
+        lse: torch.Tensor,
+        initial: torch.Tensor | None = None,
+        chunk_size: int = 64,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LESS output of ``c`` queries from their sparse part and the evicted stream; every form calls it.
+
+        Args:
+            query: ``[B, H, c, d]``; stream_key/stream_value ``[B, Hkv, c, d]``: the token evicted at each
+                step (``ops.gather_stream``), ``has [B, Hkv, c]`` False where nothing was evicted.
+            o_sparse, lse: ``[B, Hkv, G, c, d]`` / ``[B, Hkv, G, c]`` from ``ops.sparse_attention``.
+            initial: the state ``[B, Hkv, D', d + 1]`` before the first step (None: empty).
+        Returns:
+            ``(out [B, Hkv, G, c, d] float32, state after the last step)``.
+        """
+        B, H, c, _ = query.shape
+        Hkv = stream_key.shape[1]
+        phi = self.phi(query.float()).reshape(B, Hkv, H // Hkv, c, -1)
+        psi = self.psi(stream_key.float()) * has[..., None]
+        num, den, final = linear_attention(phi, psi, stream_value, initial, chunk_size)
+        return self.normalizer(o_sparse, lse, num, den), final
 
     def token_equivalents(self) -> float:
         """State size per KV head in cached tokens (a token costs 2 d numbers: key and value)."""

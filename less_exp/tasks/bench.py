@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from less_exp import data
-from less_exp.cache import LessCache
-from less_exp.compression import build, compression_of, instantiate_component, make_states, switch
+from less_exp.adapter import CACHE_ARG, LessCache, build, cache_kwargs, compression_of, switch
+from less_exp.factory import instantiate_component, make_states
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.policies import Full
@@ -70,8 +70,8 @@ def measure(model, ids: torch.Tensor, context: int, task: DictConfig, setups: di
         cache = LessCache(model) if comp is not None else None
         started = time.perf_counter()
         for start in range(0, context, task.prefill_chunk):
-            out = model(ids[:, start : min(context, start + task.prefill_chunk)], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, start : min(context, start + task.prefill_chunk)], **cache_kwargs(cache), use_cache=True)
+            cache = getattr(out, CACHE_ARG)
         prefill_s[method] = time.perf_counter() - started
         caches[method], tokens[method] = cache, out.logits[:, -1:].argmax(-1)
     times = {method: [] for method in setups}
@@ -79,7 +79,7 @@ def measure(model, ids: torch.Tensor, context: int, task: DictConfig, setups: di
         for method, comp in setups.items():
             switch(model, comp)
             started = time.perf_counter()
-            logits = model(tokens[method], past_key_values=caches[method], use_cache=True).logits
+            logits = model(tokens[method], **cache_kwargs(caches[method]), use_cache=True).logits
             elapsed = time.perf_counter() - started
             tokens[method] = logits[:, -1:].argmax(-1)
             if step >= task.warmup_tokens:

@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from less_exp import data
-from less_exp.cache import LessCache
-from less_exp.compression import compression_of
+from less_exp.adapter import LessCache, cache_kwargs, compression_of
 from less_exp.errors import ConfigError
 from less_exp.runtime import output_dir
 from less_exp.tasks import require_positive
@@ -56,7 +55,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
         batch = tokenizer(texts[start : start + task.batch_size], return_tensors="pt", padding=True).to(device)
         began = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**batch, past_key_values=new_cache(model), max_new_tokens=task.max_new_tokens,
+            out = model.generate(**batch, **cache_kwargs(new_cache(model)), max_new_tokens=task.max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, **sampling)
         seconds += time.perf_counter() - began
         generated = out[:, batch.input_ids.shape[1] :]

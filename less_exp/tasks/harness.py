@@ -18,8 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from less_exp import data, hub
-from less_exp.cache import LessCache
-from less_exp.compression import compression_of
+from less_exp.adapter import CACHE_ARG, LessCache, compression_of
 from less_exp.errors import ConfigError, UnavailableError
 from less_exp.runtime import output_dir
 from less_exp.tasks import perplexity, positive_int, require_positive, require_seq_len
@@ -80,7 +79,7 @@ def harness_lm(model, tokenizer, task: DictConfig):
     class CompressedHFLM(HFLM):
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             if compression_of(self.model) is not None:
-                generation_kwargs["past_key_values"] = LessCache(self.model)
+                generation_kwargs[CACHE_ARG] = LessCache(self.model)
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     device = next(model.parameters()).device

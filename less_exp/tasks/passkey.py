@@ -21,6 +21,7 @@ from less_exp.models import max_positions
 from less_exp.report_plots import accuracy_heatmap
 from less_exp.runtime import output_dir
 from less_exp.tasks import positive_int, require_positive
+from less_exp.adapter import cache_kwargs
 from less_exp.tasks.generate import new_cache
 from less_exp.tracking import Tracker
 
@@ -79,7 +80,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
                 chunk = cell_prompts[start : start + task.batch_size]
                 batch = tokenizer([p.text for p in chunk], return_tensors="pt", padding=True).to(device)
                 with torch.inference_mode():
-                    out = model.generate(**batch, past_key_values=new_cache(model), max_new_tokens=task.max_new_tokens,
+                    out = model.generate(**batch, **cache_kwargs(new_cache(model)), max_new_tokens=task.max_new_tokens,
                                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
                 for prompt, ids in zip(chunk, out[:, batch.input_ids.shape[1] :]):
                     output = tokenizer.decode(ids, skip_special_tokens=True)

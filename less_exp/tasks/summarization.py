@@ -28,6 +28,7 @@ from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.runtime import output_dir
 from less_exp.tasks import positive_int, require_positive
+from less_exp.adapter import cache_kwargs
 from less_exp.tasks.generate import new_cache
 from less_exp.tracking import Tracker
 
@@ -130,7 +131,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
             torch.manual_seed(cfg.seed * 1_000_003 + batch[0])
             began = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(**inputs, past_key_values=new_cache(model), max_new_tokens=task.max_new_tokens,
+                out = model.generate(**inputs, **cache_kwargs(new_cache(model)), max_new_tokens=task.max_new_tokens,
                                      pad_token_id=tokenizer.pad_token_id, **sampling, **stop)
             seconds += time.perf_counter() - began
             generated = out[:, inputs.input_ids.shape[1] :]

@@ -6,10 +6,10 @@ state parameters are fitted so that ``o_proj(LESS output)`` matches O: MSE over 
 the policy has evicted something, Adam with a step schedule, best epoch by validation MSE (the
 untrained state, which acts as the plain policy, counts as epoch 0).
 
-Everything that does not depend on the state (the policy's keep-mask, the sparse attention and its
-log-sum-exp, the eviction events) is computed once per sequence before the first epoch, and the state
-part runs in the cumulative form (:mod:`less_exp.ops.cumulative`), which never builds an ``S x S``
-kernel. Validation also reports the plain policy's MSE and Baseline+'s (the plain policy given the
+Everything that does not depend on the state (the policy's schedule, the sparse attention and its
+log-sum-exp, the evicted stream's keys and values) is computed once per sequence before the first
+epoch; each epoch then runs only :meth:`LessState.attend`, the chunked linear attention over the
+evicted stream that the parallel form and the cache use too, which never builds an ``S x S`` kernel. Validation also reports the plain policy's MSE and Baseline+'s (the plain policy given the
 state's size in extra tokens), so each layer shows whether the state beats equal memory.
 
 Layers are independent: each is seeded from ``(seed, layer, epoch)`` alone, so splitting the range
@@ -26,16 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from less_exp import checkpoints, data
-from less_exp.compression import attention_modules, instantiate_component, make_states
+from less_exp.adapter import attention_modules
+from less_exp.factory import instantiate_component, make_states
 from less_exp.errors import ConfigError
 from less_exp.models import DTYPES
-from less_exp.ops import attention_logits, sparse_attention
-from less_exp.ops.cumulative import cumulative_less_attention, eviction_events
+from less_exp.ops import attention_logits, gather_stream, sparse_attention
 from less_exp.policies import Budget, EvictionPolicy
 from less_exp.state import LessState
 from less_exp.tracking import Tracker
@@ -176,29 +175,31 @@ class LayerFit:
             rec = {k: v.float()[None].to(self.device) for k, v in torch.load(path).items()}
             q, k, v, o = rec["q"], rec["k"], rec["v"], rec["o"]
             logits = attention_logits(q, k, module.scaling)
-            keep = self._keep(self.policy, self.budget, logits, k.shape[1])
+            sched = self._schedule(self.policy, self.budget, logits, k.shape[1])
+            keep, ev = sched.keep, sched.evicted
             o_sparse, lse, _ = sparse_attention(logits, keep, v)
-            mask = (torch.ones_like(keep[0, 0]).tril() & ~keep).any(-1).any(1)
+            mask = ((ev >= 0).long().cumsum(-1) > 0).any(1)  # positions where the policy has evicted something
             if i in val_idx:
                 plain, count = masked_sq_error(self._project(o_proj, o_sparse), o, mask)
-                keep_plus = self._keep(self.plus, self.plus_budget, logits, k.shape[1])
+                keep_plus = self._schedule(self.plus, self.plus_budget, logits, k.shape[1]).keep
                 plus, _ = masked_sq_error(self._project(o_proj, sparse_attention(logits, keep_plus, v)[0]), o, mask)
                 sums["plain"] += plain.item()
                 sums["baseline_plus"] += plus.item()
                 sums["count"] += count
-            index, sign = eviction_events(keep)
-            item = {"q": q, "k": k, "v": v, "o": o, "o_sparse": o_sparse, "lse": lse, "mask": mask}
-            item = {name: x[0].cpu() for name, x in item.items()} | {"events": index[:, 1:].cpu(), "sign": sign.cpu()}
+            item = {"q": q, "stream_k": gather_stream(k, ev), "stream_v": gather_stream(v, ev), "has": ev >= 0,
+                    "o": o, "o_sparse": o_sparse, "lse": lse, "mask": mask}
+            item = {name: x[0].cpu() for name, x in item.items()}
             out = path.with_name(f"prepared_{path.name}")
             record.save_atomic(item, out)
             prepared.append(out)
         count = max(sums["count"], 1)
         return prepared, {"plain_mse": sums["plain"] / count, "baseline_plus_mse": sums["baseline_plus"] / count}
 
-    def _keep(self, policy, budget, logits, num_kv_heads):
+    @staticmethod
+    def _schedule(policy, budget, logits, num_kv_heads):
         B, _, _, S, _ = logits.shape
         valid = torch.ones(B, S, dtype=torch.bool, device=logits.device)
-        return policy.keep_mask(budget, valid, num_kv_heads, logits if policy.uses_scores else None)[0]
+        return policy.keep_mask(budget, valid, num_kv_heads, logits if policy.uses_scores else None)
 
     @staticmethod
     def o_proj(module) -> torch.nn.Module:
@@ -213,17 +214,14 @@ class LayerFit:
 
     # -------------------------------------------------------------- one pass
     def _batch(self, files: list[Path]) -> dict:
-        """Stack prepared sequences; their eviction events get the batch index in front."""
+        """Stack prepared sequences."""
         items = [torch.load(f) for f in files]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("events", "sign")}
-        batch["events"] = torch.cat([F.pad(it["events"], (1, 0), value=b) for b, it in enumerate(items)])
-        batch["sign"] = torch.cat([it["sign"] for it in items])
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: torch.stack([it[k] for it in items]).to(self.device) for k in items[0]}
 
     def _error(self, state: LessState, o_proj, batch: dict) -> tuple[torch.Tensor, int]:
-        events = (batch["events"], batch["sign"])
-        out = cumulative_less_attention(batch["q"], batch["k"], batch["v"], events, state, (batch["o_sparse"], batch["lse"]))
-        return masked_sq_error(self._project(o_proj, out), batch["o"], batch["mask"])
+        b = batch
+        out, _ = state.attend(b["q"], b["stream_k"], b["stream_v"], b["has"], b["o_sparse"], b["lse"])
+        return masked_sq_error(self._project(o_proj, out), b["o"], b["mask"])
 
     @torch.no_grad()
     def evaluate(self, state, o_proj, files) -> float:

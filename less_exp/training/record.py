@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from less_exp.compression import attention_modules
+from less_exp.adapter import attention_modules
 
 NAME = "less_record"
 DONE = "complete.json"

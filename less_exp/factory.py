@@ -1,0 +1,119 @@
+"""Config to objects: the platform's side of the engine (Hydra in, engine objects out).
+
+Builds the configured policy and LESS states, checks configs before any model loads, attaches them
+to a model through :func:`less_exp.adapter.build` (with a checkpoint's states when one is given) and
+summarises the compression for results tables.
+"""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from less_exp.adapter import attention_modules, build, compression_of
+from less_exp import checkpoints
+from less_exp.errors import ConfigError
+from less_exp.policies import EvictionPolicy, Full
+from less_exp.state import LessStates
+
+
+def instantiate_component(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` for a config-group node; its ``name`` key labels runs and is not an argument."""
+    spec = OmegaConf.to_container(node, resolve=True)
+    spec.pop("name", None)
+    return instantiate(spec, **kwargs, _convert_="all")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the policy, budget and state configs without a model, so mistakes surface in seconds."""
+    try:
+        policy = instantiate_component(cfg.policy)
+    except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
+        raise ConfigError(f"policy={cfg.policy.get('name')}: {_root_cause(err)}") from err
+    for group in ("gating", "reweighting"):
+        if cfg[group].get("name", "none") != "none":
+            raise ConfigError(f"{group}={cfg[group].name} is not implemented yet; use {group}=none")
+    has_state = cfg.feature_map.get("name", "none") != "none"
+    if policy.baseline_plus and not has_state:
+        raise ConfigError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
+    if has_state:
+        try:
+            instantiate_component(cfg.feature_map, head_dim=8, num_heads=1, num_kv_heads=1)
+            instantiate_component(cfg.normalizer)
+        except Exception as err:
+            raise ConfigError(f"feature_map={cfg.feature_map.name}: {_root_cause(err)}") from err
+    length = cfg.get("task", {}) and cfg.task.get("seq_len")
+    if not length and policy.ratio_of == "length":
+        return  # no fixed length: the budget resolves per prompt at prefill
+    try:
+        budget = policy.budget(length=length, max_positions=int(cfg.model.max_length))
+        if length:
+            policy.check_fits(budget, int(length))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
+
+
+def make_states(cfg: DictConfig, model: torch.nn.Module, feature_map=None, normalizer=None) -> LessStates | None:
+    """Instantiate the feature map and normaliser once per layer, or None for ``feature_map=none``.
+
+    ``feature_map``/``normalizer`` nodes replace ``cfg``'s (a checkpoint supplies its own).
+    """
+    feature_map = cfg.feature_map if feature_map is None else feature_map
+    normalizer = cfg.normalizer if normalizer is None else normalizer
+    if feature_map.get("name", "none") == "none":
+        return None
+    for group in ("gating", "reweighting"):
+        if cfg[group].get("name", "none") != "none":
+            raise ValueError(f"{group}={cfg[group].name} is not implemented yet; use {group}=none")
+    modules = attention_modules(model)
+    config = model.config
+    kwargs = dict(head_dim=modules[0].head_dim, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads)
+    return LessStates.build(
+        lambda: instantiate_component(feature_map, **kwargs),
+        lambda: instantiate_component(normalizer),
+        len(modules),
+        kwargs["head_dim"],
+    )
+
+
+def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    """Set up the configured compression on ``model``; the full cache with no state stays on ``sdpa``.
+
+    With ``cfg.checkpoint`` set the states are built as the checkpoint says and loaded from it.
+    """
+    policy: EvictionPolicy = instantiate_component(cfg.policy)
+    if cfg.get("checkpoint"):
+        manifest = checkpoints.check(cfg)
+        states = make_states(cfg, model, *checkpoints.state_nodes(cfg, manifest))
+        checkpoints.load_into(states, cfg.checkpoint, manifest)
+    else:
+        states = make_states(cfg, model)
+    extra = 0.0
+    if policy.baseline_plus:
+        if states is None:
+            raise ValueError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
+        extra, states = states.token_equivalents(), None
+    if isinstance(policy, Full) and states is None:
+        return model
+    build(model, policy, states, baseline_plus_tokens=extra)
+    return model
+
+
+def summary(model: torch.nn.Module, cfg: DictConfig, length: int | None = None) -> dict:
+    """What a results table needs to group runs: policy, resolved budget and the state's size.
+
+    The budget is resolved at ``length`` (a task's representative length: its longest context, its
+    mean prompt), else ``task.seq_len``, else the model's maximum positions.
+    """
+    comp = compression_of(model)
+    if comp is None:
+        return {"policy": "full", "budget": None, "state_token_equivalents": 0.0}
+    length = length or cfg.task.get("seq_len") or comp.max_positions
+    return comp.describe(int(length))

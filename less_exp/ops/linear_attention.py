@@ -1,0 +1,96 @@
+"""Causal linear attention over the evicted stream: parallel, chunked and recurrent forms.
+
+Past the budget a policy evicts exactly one token per step and never re-admits it, so the LESS state
+read by the query at step ``t`` is a sum over a *stream*: entry ``t`` is ``(psi(k_e), v_e)`` of the
+token ``e`` evicted at step ``t`` (zero when nothing left). Eviction happens before the step's query
+attends, so the sum is inclusive: ``H_t = H_0 + sum_{j <= t} psi_j v_j^T`` and ``z_t = z_0 + sum psi_j``.
+
+The state is kept as one tensor ``[B, Hkv, D', d + 1]``: ``H`` with ``z`` as its last column (the value
+gets a column of ones), so numerator and denominator come out of the same products. Every form takes
+``phi [B, Hkv, G, T, D']`` (query features, grouped by KV head), ``psi [B, Hkv, T, D']`` and
+``value [B, Hkv, T, d]`` (the stream) and an optional initial state, and returns
+``(num [B, Hkv, G, T, d], den [B, Hkv, G, T], final state)`` in float32. ``ops.naive`` holds the
+reference they are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def with_ones(value: torch.Tensor) -> torch.Tensor:
+    """``[..., d] -> [..., d + 1]``: the extra column turns ``H`` into ``[H | z]``."""
+    return F.pad(value.float(), (0, 1), value=1.0)
+
+
+def empty_state(psi: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    B, Hkv, _, D = psi.shape
+    return torch.zeros(B, Hkv, D, value.shape[-1] + 1, dtype=torch.float32, device=psi.device)
+
+
+def _split(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return out[..., :-1], out[..., -1]
+
+
+def gather_stream(x: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
+    """``x [B, Hkv, n, F]`` at ``evicted [B, Hkv, T]`` (index into ``n``, -1 for no eviction) -> ``[B, Hkv, T, F]``."""
+    idx = evicted.clamp_min(0)[..., None].expand(*evicted.shape, x.shape[-1])
+    return x.gather(2, idx) * (evicted >= 0)[..., None].to(x.dtype)
+
+
+def parallel_linear_attention(phi, psi, value, initial=None):
+    """Quadratic form: a lower-triangular (inclusive) kernel ``phi psi^T``. O(T^2) memory."""
+    T = psi.shape[2]
+    ve = with_ones(value)
+    state = empty_state(psi, value) if initial is None else initial
+    phi, psi = phi.float(), psi.float()
+    causal = torch.ones(T, T, dtype=torch.bool, device=psi.device).tril()
+    kernel = torch.matmul(phi, psi[:, :, None].transpose(-1, -2)).masked_fill(~causal, 0.0)
+    out = torch.matmul(kernel, ve[:, :, None]) + torch.matmul(phi, state[:, :, None])
+    final = state + torch.matmul(psi.transpose(-1, -2), ve)
+    return (*_split(out), final)
+
+
+def chunk_linear_attention(phi, psi, value, initial=None, chunk_size: int = 64):
+    """Chunked form: exact inside chunks of ``chunk_size`` steps, a carried state across them.
+
+    The states at the chunk starts come from one exclusive cumulative sum of per-chunk updates, so
+    memory is O(T C + (T / C) D' d) per head instead of O(T^2); no Python loop over chunks.
+    """
+    B, Hkv, T, D = psi.shape
+    G = phi.shape[2]
+    C = max(1, min(int(chunk_size), T))
+    n = -(-T // C)
+    pad = n * C - T
+    ve = with_ones(value)
+    state = empty_state(psi, value) if initial is None else initial
+    phi_c = F.pad(phi.float(), (0, 0, 0, pad)).reshape(B, Hkv, G, n, C, D)
+    psi_c = F.pad(psi.float(), (0, 0, 0, pad)).reshape(B, Hkv, n, C, D)
+    ve_c = F.pad(ve, (0, 0, 0, pad)).reshape(B, Hkv, n, C, -1)
+    updates = torch.matmul(psi_c.transpose(-1, -2), ve_c)  # [B, Hkv, n, D, d + 1]
+    totals = updates.cumsum(2)
+    starts = state[:, :, None] + totals - updates
+    causal = torch.ones(C, C, dtype=torch.bool, device=psi.device).tril()
+    kernel = torch.matmul(phi_c, psi_c[:, :, None].transpose(-1, -2)).masked_fill(~causal, 0.0)
+    out = torch.matmul(kernel, ve_c[:, :, None]) + torch.matmul(phi_c, starts[:, :, None])
+    out = out.reshape(B, Hkv, G, n * C, -1)[..., :T, :]
+    return (*_split(out), state + totals[:, :, -1])
+
+
+def recurrent_linear_attention(phi, psi, value, initial=None):
+    """Step by step, as decoding runs it: fold entry ``t`` into the state, then read it."""
+    ve = with_ones(value)
+    state = empty_state(psi, value) if initial is None else initial
+    outs = []
+    for t in range(psi.shape[2]):
+        state = state + psi[:, :, t, :, None].float() * ve[:, :, t, None, :]
+        outs.append(torch.matmul(phi[:, :, :, t : t + 1].float(), state[:, :, None]))
+    return (*_split(torch.cat(outs, dim=3)), state)
+
+
+def linear_attention(phi, psi, value, initial=None, chunk_size: int = 64):
+    """The form to use: one recurrent step for a single entry, the chunked form otherwise."""
+    if psi.shape[2] == 1:
+        return recurrent_linear_attention(phi, psi, value, initial)
+    return chunk_linear_attention(phi, psi, value, initial, chunk_size)
