@@ -20,7 +20,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from less_exp.results import FILENAME
+from less_exp.results import FILENAME, Run
 
 log = logging.getLogger(__name__)
 
@@ -55,30 +55,6 @@ LEAD_COLUMNS = ("model", "method", "budget", "state (token-eq.)", "memory (token
 
 class NoResultsError(FileNotFoundError):
     """Nothing to report: a PATH does not exist, or no readable ``results.json`` lies under them."""
-
-
-@dataclass(frozen=True)
-class Run:
-    """One ``results.json``, reduced to what a report row and a plot need."""
-
-    name: str
-    job: str
-    model: str
-    task: str
-    policy: str
-    method: str
-    budget: int | None
-    state_tokens: float
-    metrics: Mapping[str, Any]
-    passkey_grid: Mapping[str, Any] | None = None
-
-    @property
-    def memory(self) -> int | None:
-        """Tokens the cache holds: the budget plus the state's size rounded to whole tokens."""
-        return None if self.budget is None else self.budget + round(self.state_tokens)
-
-    def sort_key(self) -> tuple:
-        return (self.model, self.policy != "full", self.policy, -1 if self.budget is None else self.budget, self.method, self.name)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from statistics import mean
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from less_exp.report import Run
+from less_exp.results import Run
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""``results.json``: what every job leaves in its output folder, for tables and plots later.
+"""``results.json``: what every job leaves in its output folder, and :class:`Run`, one of them as
+tables and plots read it.
 
 ``{"job", "metrics", "config" (resolved), "versions", "duration_s"}``, written atomically so a
 reader never sees half a file.
@@ -11,12 +12,37 @@ import os
 import platform
 import subprocess
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from less_exp import paths
 
 FILENAME = "results.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``results.json``, reduced to what a report row and a plot need."""
+
+    name: str
+    job: str
+    model: str
+    task: str
+    policy: str
+    method: str
+    budget: int | None
+    state_tokens: float
+    metrics: Mapping[str, Any]
+    passkey_grid: Mapping[str, Any] | None = None
+
+    @property
+    def memory(self) -> int | None:
+        """Tokens the cache holds: the budget plus the state's size rounded to whole tokens."""
+        return None if self.budget is None else self.budget + round(self.state_tokens)
+
+    def sort_key(self) -> tuple:
+        return (self.model, self.policy != "full", self.policy, -1 if self.budget is None else self.budget, self.method, self.name)
 
 
 def versions() -> dict[str, str | None]:

@@ -85,11 +85,33 @@ def test_harness_bad_values_fail_before_the_model_loads(compose_config):
         eval_job.evaluate(compose_config("eval", [*TINY, "task.windows=sliding"]))
 
 
-def test_harness_generation_uses_the_evicting_cache(compose_config, tmp_path):
-    """A generate_until task of one's own (task.include_path) decodes through LessCache."""
+def test_harness_generation_uses_the_evicting_cache(compose_config, tmp_path, monkeypatch):
+    """A generate_until task of one's own (task.include_path) decodes through LessCache: targets set to
+    what greedy decoding through the evicting cache gives (two of three) score exactly 2/3."""
+    import torch
+
+    from less_exp.adapter import LessCache, cache_kwargs
+    from less_exp.adapter.cache import LessCacheLayer
+    from less_exp.factory import apply
+    from less_exp.models import load_model
+
+    overrides = ["model=tiny_llama", "logger=none", "task=harness", "task.names=[tiny_count]",
+                 "task.seq_len=256", "policy=h2o", "policy.heavy=4", "policy.recent=4"]
+    cfg = compose_config("eval", overrides)
+    model, tok = load_model(cfg.model)
+    apply(model, cfg)
+    questions = [f"Count: {i} {i + 1} {i + 2} {i + 3}" for i in range(3)]
+    answers = []
+    for q in questions:
+        ids = tok(q, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 **cache_kwargs(LessCache(model)))
+        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0])
+    answers[2] = answers[2] + "never generated"
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "docs.jsonl").write_text("".join(json.dumps({"q": f"Count: {i} {i + 1}", "a": str(i + 2)}) + "\n" for i in range(3)))
+    (tasks / "docs.jsonl").write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in zip(questions, answers)))
     (tasks / "count.yaml").write_text(
         "task: tiny_count\ndataset_path: json\n"
         f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(tasks / 'docs.jsonl'))}}}}}\n"
@@ -97,8 +119,10 @@ def test_harness_generation_uses_the_evicting_cache(compose_config, tmp_path):
         "generation_kwargs: {until: ['\\n'], max_gen_toks: 6, do_sample: false}\n"
         "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n"
     )
-    overrides = ["model=tiny_llama", "logger=none", "task=harness", "task.names=[tiny_count]", f"task.include_path={tasks}",
-                 "task.seq_len=256", "policy=h2o", "policy.heavy=4", "policy.recent=4"]
-    metrics = eval_job.evaluate(compose_config("eval", overrides))
-    assert metrics["tiny_count/exact_match"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    steps = []
+    attend = LessCacheLayer.attend
+    monkeypatch.setattr(LessCacheLayer, "attend", lambda self, *a, **k: steps.append(1) or attend(self, *a, **k))
+    metrics = eval_job.evaluate(compose_config("eval", [*overrides, f"task.include_path={tasks}"]))
+    assert metrics["tiny_count/exact_match"] == pytest.approx(2 / 3)
+    assert steps, "generation must decode through the evicting cache"
     assert metrics["policy"] == "h2o"

@@ -7,6 +7,7 @@ from PIL import Image
 
 from less_exp import eval as eval_job
 from less_exp.errors import ConfigError
+from less_exp.models import load_model
 from less_exp.passkey import FILLER, NEEDLE, answer_of, build_prompt, compose, draw_passkey, is_correct
 from less_exp.tiny import byte_tokenizer
 
@@ -75,13 +76,39 @@ def test_passkey_task_end_to_end(compose_config, tmp_path, policy):
     assert grid["context_lengths"] == [256, 320] and grid["depths"] == [0.0, 1.0]
     assert len(grid["accuracy"]) == 2 and all(len(accs) == 2 for accs in grid["accuracy"])
     assert metrics["num_prompts"] == len(rows) == 4
-    assert 0.0 <= metrics["accuracy"] <= 1.0
     assert metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
     assert metrics["accuracy@256"] == pytest.approx(sum(grid["accuracy"][0]) / 2)
     assert all(r["tokens"] <= r["context_length"] and len(r["passkey"]) == 5 for r in rows)
     assert metrics["policy"] == policy[0].split("=")[1]
     with Image.open(tmp_path / "passkey_heatmap.png") as image:
         assert image.format == "PNG" and image.width > 100 and image.height > 100
+
+
+def test_accuracy_counts_the_answers_that_hold_the_passkey(compose_config, tmp_path, monkeypatch):
+    """A model that recalls the passkey only in the shorter contexts scores 1 there and 0 in the longer."""
+    import re
+
+    import torch
+
+    def load_recalling_model(*args, **kwargs):
+        model, tok = load_model(*args, **kwargs)
+
+        def generate(input_ids, **kw):
+            answers = []
+            for row in input_ids:
+                key = re.search(r"The pass key is (\d+)", tok.decode(row, skip_special_tokens=True)).group(1)
+                answers.append(tok(f" {key if len(row) <= 256 else '0' * len(key)}.", add_special_tokens=False).input_ids)
+            width = max(map(len, answers))
+            new = torch.tensor([a + [tok.pad_token_id] * (width - len(a)) for a in answers])
+            return torch.cat([input_ids, new], dim=1)
+
+        model.generate = generate
+        return model, tok
+
+    monkeypatch.setattr(eval_job, "load_model", load_recalling_model)
+    metrics = eval_job.evaluate(compose_config("eval", [*TINY, "policy=full"]))
+    assert metrics["accuracy@256"] == 1.0 and metrics["accuracy@320"] == 0.0 and metrics["accuracy"] == 0.5
+    assert metrics["passkey_grid"]["accuracy"] == [[1.0, 1.0], [0.0, 0.0]]
 
 
 def test_ratio_budget_resolves_at_each_context_length(compose_config):

@@ -17,6 +17,31 @@ def test_consistency_task(compose_config):
     assert metrics["max_abs_logit_diff"] < 1e-4 and metrics["num_tokens"] == 96
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("policy", ["sink", "h2o", "tova"])
+def test_consistency_task_in_every_dtype_with_chunks_and_padding(compose_config, dtype, policy):
+    """Chunked decoding and a left-padded row whose padding outlasts the prefill: within the dtype's own
+    noise (sdpa + DynamicCache on the same tokens), and below 1e-3 in float32."""
+    overrides = ["model=tiny_llama", "logger=none", f"policy={policy}", "feature_map=less_mlp",
+                 "feature_map.key_scale_init=1.0", f"model.dtype={dtype}", "task=consistency", "task.seq_len=80",
+                 "task.prefill=6", "task.chunk=5", "task.pad=11"]
+    overrides += {"sink": ["policy.recent=8"], "h2o": ["policy.heavy=6", "policy.recent=2"],
+                  "tova": ["policy.heavy=6", "policy.recent=1"]}[policy]
+    metrics = evaluate(compose_config("eval", overrides))
+    bound = 1e-3 if dtype == "float32" else 2 * metrics["sdpa_logit_diff"] + 1e-2
+    assert metrics["max_abs_logit_diff"] <= bound
+    assert metrics["pad"] == 11 and metrics["chunk"] == 5
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_less_perplexity_is_finite_and_close_to_float32(compose_config, dtype):
+    """Every float16 LESS run used to give NaN (the state's empty denominator was clamped to 1e-30)."""
+    base = [*TINY, "feature_map=less_mlp", "task.seq_len=128", "task.max_windows=2"]
+    ref = evaluate(compose_config("eval", base))["perplexity"]
+    half = evaluate(compose_config("eval", [*base, f"model.dtype={dtype}"]))["perplexity"]
+    assert half == pytest.approx(ref, rel=0.01)
+
+
 def test_generate_task_writes_generations(compose_config, tmp_path):
     metrics = evaluate(compose_config("eval", [*TINY, "task=generate", "task.max_new_tokens=24"]))
     rows = [json.loads(line) for line in Path(tmp_path, "generations.jsonl").read_text().splitlines()]
@@ -41,6 +66,9 @@ def test_bench_task_shows_flat_memory_for_the_policy(compose_config):
         (["task=bench", "task.context_lengths=[8]"], "shortest context"),
         (["task=consistency", "policy=full"], "policy other"),
         (["task=consistency", "task.prefill=0"], "task.prefill"),
+        (["task=consistency", "policy.ratio_of=length", "policy.heavy=0.1", "policy.recent=0.1"], "ratio_of=length"),
+        (["task=consistency", "task.chunk=0"], "task.chunk"),
+        (["task=consistency", "task.pad=-1"], "task.pad"),
     ],
 )
 def test_engine_tasks_reject_bad_configs(compose_config, overrides, match):

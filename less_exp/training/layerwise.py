@@ -258,6 +258,7 @@ class LayerFit:
 
         with tqdm(total=t.epochs, initial=progress["epoch"], desc=f"layer {layer}", unit="epoch", leave=False) as bar:
             for epoch in range(progress["epoch"], t.epochs):
+                epoch_started = time.perf_counter()
                 torch.manual_seed(epoch_seed(self.seed, layer, epoch))
                 order = torch.randperm(len(train_files)).tolist()
                 state.train()
@@ -274,7 +275,10 @@ class LayerFit:
                 val_mse = self.evaluate(state, o_proj, val_files)
                 if val_mse < progress["best_val_mse"]:
                     progress.update(best_val_mse=val_mse, best_epoch=epoch + 1, best_state=_copy(state.state_dict()))
-                progress["history"].append({"epoch": epoch + 1, "train_mse": train_mse, "val_mse": val_mse, "lr": lr})
+                seconds = time.perf_counter() - epoch_started
+                progress["history"].append(
+                    {"epoch": epoch + 1, "train_mse": train_mse, "val_mse": val_mse, "lr": lr, "seconds": seconds}
+                )
                 progress.update(
                     epoch=epoch + 1,
                     state=state.state_dict(),
@@ -286,6 +290,7 @@ class LayerFit:
                 self.tracker.log({
                     "layer": layer, "epoch": epoch + 1, "lr": lr,
                     f"layer_{layer:03d}/train_mse": train_mse, f"layer_{layer:03d}/val_mse": val_mse,
+                    f"layer_{layer:03d}/epoch_s": seconds,
                 })
                 bar.update(1)
                 bar.set_postfix(train=f"{train_mse:.3g}", val=f"{val_mse:.3g}", plain=f"{baselines['plain_mse']:.3g}")
@@ -305,6 +310,7 @@ class LayerFit:
             "val_history": [h["val_mse"] for h in history],
             "train_history": [h["train_mse"] for h in history],
             "duration_s": round(progress["elapsed_s"], 3),
+            "epoch_s": round(sum(h.get("seconds", 0.0) for h in history) / max(len(history), 1), 3),
         }
         state.load_state_dict(progress["best_state"])
         checkpoints.save_layer(self.root, layer, progress["best_state"], metrics)
