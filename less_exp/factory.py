@@ -11,8 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from less_exp.adapter import attention_modules, build, compression_of
 from less_exp import checkpoints
+from less_exp.adapter import attention_modules, build, compression_of
 from less_exp.errors import ConfigError
 from less_exp.policies import EvictionPolicy, Full
 from less_exp.state import LessStates
