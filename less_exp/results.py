@@ -77,11 +77,23 @@ def git_commit() -> str | None:
 
 
 def write_results(
-    output_dir: str | Path, job: str, metrics: Mapping[str, Any], config: Mapping[str, Any], duration_s: float
+    output_dir: str | Path,
+    job: str,
+    metrics: Mapping[str, Any],
+    config: Mapping[str, Any],
+    duration_s: float,
+    status: str = "ok",
+    error: str | None = None,
 ) -> Path:
-    """Write ``results.json`` into ``output_dir`` atomically; returns its path."""
+    """Write ``results.json`` into ``output_dir`` atomically; returns its path.
+
+    ``status`` is ``"ok"``, or ``"failed"`` with ``error`` saying why: a failed run's metrics are never
+    to be read as results (``less-report`` lists such runs apart).
+    """
     record = {
         "job": job,
+        "status": status,
+        **({"error": error} if error else {}),
         "metrics": dict(metrics),
         "config": dict(config),
         "versions": versions(),
