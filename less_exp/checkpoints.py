@@ -1,19 +1,30 @@
 """Checkpoints of trained LESS state parameters: one safetensors file per layer plus ``manifest.json``.
 
-A folder holds ``layer_NNN.safetensors`` (only that layer's ``LessState.state_dict()``, its metrics
-in the file's metadata) and ``manifest.json``: what the states were trained for (base model, policy
-and budget, feature map and normaliser configs and settings, state size) and, rebuilt from the layer
-files after every layer, which layers are done with their metrics. Jobs that train different layer
-ranges write into the same folder; the manifest is rewritten under a lock from the layer files, so
-it never loses a layer. ``progress/`` holds a layer's per-epoch training progress until it is done.
-Every file is written to a temporary name and renamed, so a kill never leaves a corrupt one.
+A folder holds ``layer_NNN.safetensors`` (only that layer's ``LessState.state_dict()``; its metrics
+and its fingerprint in the file's metadata) and ``manifest.json``: what the states were trained for
+and, rebuilt from the layer files after every layer, which layers are done with their metrics.
+
+The fingerprint (:func:`header`) is a checkpoint's identity: the base model (preset, source, family,
+layer and head counts, a hash of its config and of some of its weights), the policy and budget, the
+feature map and normaliser configs and settings, and the training mode. Every layer file carries
+it, so a folder is judged by its layer files even when the manifest is gone or was edited: training
+refuses a folder whose files were trained for another set-up, evaluation refuses files that do not
+match the manifest or the model they are loaded into. Non-finite parameters are never written nor
+loaded.
+
+Jobs that train different layer ranges write into the same folder; the manifest is rewritten under
+a lock from the layer files, so it never loses a layer. ``progress/`` holds a layer's per-epoch
+training progress (plain tensors, numbers and strings, read with ``weights_only=True``) until it is
+done. Every file is written to a temporary name and renamed, so a kill never leaves a corrupt one.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,11 +34,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from less_exp.adapter import attention_modules
-from less_exp.errors import ConfigError
+from less_exp.errors import ConfigError, NonFiniteError
 
 MANIFEST = "manifest.json"
-FORMAT = "less-exp/states-v1"
-MATCHED = ("model", "policy", "feature_map", "normalizer")
+FORMAT = "less-exp/states-v2"
+FINGERPRINT = "fingerprint"
+IDENTITY = ("format", "model", "policy", "budget", "feature_map", "normalizer", "settings", "training",
+            "state_token_equivalents")
+COMPONENTS = ("policy", "feature_map", "normalizer")
+MODEL_DERIVED = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "config_hash", "weights_hash")
+VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache",
+                   "output_attentions", "output_hidden_states", "return_dict"}
+HASH_CHUNK = 1 << 22
 
 
 # ------------------------------------------------------------------------------ files
@@ -61,31 +79,118 @@ def _locked(root: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _retrain(root: Path, path: Path) -> str:
+    return f"retrain that layer: delete {path.name} and rerun less-train with checkpoint={root}"
+
+
 # ------------------------------------------------------------------------------ identity
-def header(cfg: DictConfig, model: torch.nn.Module, states, budget) -> dict:
-    """What a checkpoint must match: model, policy (with its budget), feature map, normaliser."""
+def config_hash(config) -> str:
+    """Short sha256 of ``config.to_dict()`` without what varies between loads of one model (dtype, paths, versions)."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()
+                    if k not in VOLATILE_CONFIG and not str(k).startswith("_attn_implementation")}
+        return value
+
+    blob = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """Short sha256 of the input embeddings and the first and last attention layers' parameters, in float32.
+
+    The same weights give the same hash on any device and in any dtype they convert to float32 from exactly.
+    """
+    modules = attention_modules(model)
+    named = []
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None:
+        named.append(("embed", embeddings.weight))
+    for index in sorted({0, len(modules) - 1}):
+        named += [(f"attn{index}.{n}", p) for n, p in sorted(modules[index].named_parameters())]
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(f"{name}{tuple(tensor.shape)};".encode())
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), HASH_CHUNK):
+            digest.update(flat[start : start + HASH_CHUNK].to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(model: torch.nn.Module) -> dict:
+    """What a checkpoint records of the model object itself (the preset's name and source come from the config)."""
     config = model.config
+    modules = attention_modules(model)
+    return {
+        "model_type": config.model_type,
+        "num_layers": len(modules),
+        "num_heads": config.num_attention_heads,
+        "num_kv_heads": config.num_key_value_heads,
+        "head_dim": modules[0].head_dim,
+        "config_hash": config_hash(config),
+        "weights_hash": weights_hash(model),
+    }
+
+
+def _model_id(model_cfg: DictConfig) -> str:
+    return model_cfg.get("hub_id") or model_cfg.get("cache_name") or model_cfg.name
+
+
+def header(cfg: DictConfig, model: torch.nn.Module, states, budget) -> dict:
+    """The fingerprint of a training job: model identity, policy and budget, feature map, normaliser, mode."""
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     policy.pop("baseline_plus", None)
     return {
         "format": FORMAT,
-        "model": {
-            "name": cfg.model.name,
-            "source": cfg.model.source,
-            "id": cfg.model.get("hub_id") or cfg.model.get("cache_name") or cfg.model.name,
-            "model_type": config.model_type,
-            "num_layers": len(attention_modules(model)),
-            "num_heads": config.num_attention_heads,
-            "num_kv_heads": config.num_key_value_heads,
-            "head_dim": states[0].head_dim,
-        },
+        "model": {"name": cfg.model.name, "source": cfg.model.source, "id": _model_id(cfg.model), **model_identity(model)},
         "policy": policy,
         "budget": {"sink": budget.sink, "heavy": budget.heavy, "recent": budget.recent},
         "feature_map": OmegaConf.to_container(cfg.feature_map, resolve=True),
         "normalizer": OmegaConf.to_container(cfg.normalizer, resolve=True),
         "settings": states[0].settings(),
+        "training": {"mode": cfg.training.mode},
         "state_token_equivalents": states.token_equivalents(),
     }
+
+
+def fingerprint(head: dict) -> dict:
+    """The identity part of a header or manifest (no layers, no metrics)."""
+    return {key: head[key] for key in IDENTITY if key in head}
+
+
+def _comparable(value, key: str):
+    """Settings that do not change the trained parameters (dropout, the key scale's init) are ignored."""
+    if key == "feature_map" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in ("dropout", "key_scale_init")}
+    return value
+
+
+def _show(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "name" in value:
+        rest = {k: v for k, v in value.items() if k not in ("name", "_target_")}
+        return f"{value['name']} {json.dumps(rest, sort_keys=True)}"
+    return json.dumps(value, sort_keys=True)
+
+
+def _mismatch(found: dict, own: dict, keys=IDENTITY) -> tuple[str, str] | None:
+    """The first key of ``keys`` on which two fingerprints differ, as ``("key=found", "key=own")``, or None.
+
+    A component (policy, feature map, normaliser) of another name shows whole; otherwise a dict shows
+    each sub-key that differs (``model.config_hash=...``).
+    """
+    for key in keys:
+        a, b = _comparable(found.get(key), key), _comparable(own.get(key), key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and not (key in COMPONENTS and a.get("name") != b.get("name")):
+            subs = [k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+            return (", ".join(f"{key}.{k}={_show(a.get(k))}" for k in subs),
+                    ", ".join(f"{key}.{k}={_show(b.get(k))}" for k in subs))
+        return f"{key}={_show(found.get(key))}", f"{key}={_show(own.get(key))}"
+    return None
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -97,46 +202,66 @@ def read_manifest(root: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise ConfigError(f"checkpoint={root}: {MANIFEST} is not valid JSON ({err})") from err
     if manifest.get("format") != FORMAT:
-        raise ConfigError(f"checkpoint={root}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ConfigError(
+            f"checkpoint={root}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
+            "retrain into a new folder with this less-exp"
+        )
     return manifest
 
 
+def read_layer(root: str | Path, layer: int) -> tuple[dict, dict]:
+    """A layer file's fingerprint and metrics, from its header alone; an unreadable file is a ConfigError."""
+    root, path = Path(root), layer_file(root, layer)
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(
+            f"checkpoint={root}: {path.name} is unreadable (truncated or corrupt: {_one_line(err)}); {_retrain(root, path)}"
+        ) from err
+    try:
+        found, metrics, own_layer = json.loads(meta[FINGERPRINT]), json.loads(meta["metrics"]), int(meta["layer"])
+    except (KeyError, ValueError) as err:
+        raise ConfigError(
+            f"checkpoint={root}: {path.name} lacks its {FINGERPRINT}/metrics metadata (written by hand or by an older "
+            f"less-exp); {_retrain(root, path)}"
+        ) from err
+    if own_layer != layer:
+        raise ConfigError(f"checkpoint={root}: {path.name} holds layer {own_layer}'s state; {_retrain(root, path)}")
+    return found, metrics
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# ------------------------------------------------------------------------------ training
 def open_for_training(root: Path, head: dict) -> None:
-    """Create the folder's manifest, or check that an existing one was written for the same set-up."""
+    """Check that the folder's manifest and layer files were written for this job's set-up, then write the manifest."""
     root = Path(root)
     with _locked(root):
         if (root / MANIFEST).is_file():
-            found = read_manifest(root)
-            for key in (*MATCHED, "budget"):
-                if _comparable(found.get(key), key) != _comparable(head[key], key):
-                    raise ConfigError(
-                        f"checkpoint={root} holds states trained with {key}={_show(found.get(key))}, but this job "
-                        f"has {key}={_show(head[key])}; use another checkpoint folder or the same {key}"
-                    )
+            differs = _mismatch(read_manifest(root), head)
+            if differs:
+                raise ConfigError(
+                    f"checkpoint={root} holds states trained with {differs[0]}, but this job has {differs[1]}; "
+                    "use another checkpoint folder or the same settings"
+                )
         _write_manifest(root, head)
 
 
-def _comparable(value, key: str):
-    """Settings that do not change the trained parameters (dropout, the key scale's init) are ignored."""
-    if key == "feature_map" and isinstance(value, dict):
-        return {k: v for k, v in value.items() if k not in ("dropout", "key_scale_init")}
-    return value
-
-
-def _show(value) -> str:
-    if isinstance(value, dict) and "name" in value:
-        rest = {k: v for k, v in value.items() if k not in ("name", "_target_")}
-        return f"{value['name']} {json.dumps(rest, sort_keys=True)}"
-    return json.dumps(value, sort_keys=True)
-
-
-def _write_manifest(root: Path, head: dict | None = None) -> dict:
-    """Rewrite the manifest from ``head`` (or the current one) and the layer files present. Call under the lock."""
-    manifest = dict(head) if head is not None else read_manifest(root)
+def _write_manifest(root: Path, head: dict) -> dict:
+    """Rewrite the manifest from ``head`` and the layer files, each of which must agree with it. Call under the lock."""
+    manifest = fingerprint(head)
     layers = {}
-    for path in sorted(root.glob("layer_*.safetensors")):
-        with safe_open(str(path), "pt") as fh:
-            layers[str(int(path.stem.split("_")[1]))] = json.loads(fh.metadata()["metrics"])
+    for layer in sorted(done_layers(root)):
+        found, layers[str(layer)] = read_layer(root, layer)
+        differs = _mismatch(found, head)
+        if differs:
+            raise ConfigError(
+                f"checkpoint={root}: {layer_file(root, layer).name} was trained with {differs[0]}, this job has "
+                f"{differs[1]}; use another checkpoint folder"
+            )
     manifest["layers"] = layers
     manifest["layers_done"] = sorted(int(k) for k in layers)
     manifest["complete"] = len(layers) == manifest["model"]["num_layers"]
@@ -144,15 +269,31 @@ def _write_manifest(root: Path, head: dict | None = None) -> dict:
     return manifest
 
 
-# ------------------------------------------------------------------------------ layers
-def save_layer(root: Path, layer: int, state_dict: dict, metrics: dict) -> dict:
-    """Write one finished layer and refresh the manifest; returns the manifest."""
+def _non_finite(tensors: dict) -> list[str]:
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def save_layer(root: Path, layer: int, state_dict: dict, metrics: dict, head: dict) -> dict:
+    """Write one finished layer with the job's fingerprint and refresh the manifest; returns the manifest.
+
+    Non-finite parameters are a NonFiniteError: nothing is written and the layer's progress is dropped,
+    so a rerun starts that layer afresh.
+    """
     root = Path(root)
+    path = layer_file(root, layer)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    metadata = {"metrics": json.dumps(metrics), "layer": str(layer)}
-    _atomic(layer_file(root, layer), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    bad = _non_finite(tensors)
+    if bad:
+        progress_file(root, layer).unlink(missing_ok=True)
+        raise NonFiniteError(
+            f"layer {layer}: the trained state has non-finite parameters ({', '.join(bad)}); nothing was written to "
+            f"{path} and its progress was dropped; lower training.lr and rerun"
+        )
+    metadata = {"metrics": json.dumps(metrics), "layer": str(layer),
+                FINGERPRINT: json.dumps(fingerprint(head), sort_keys=True)}
+    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     with _locked(root):
-        manifest = _write_manifest(root)
+        manifest = _write_manifest(root, head)
     progress_file(root, layer).unlink(missing_ok=True)
     return manifest
 
@@ -161,13 +302,48 @@ def done_layers(root: Path) -> set[int]:
     return {int(p.stem.split("_")[1]) for p in Path(root).glob("layer_*.safetensors")}
 
 
+def progress_fingerprint(head: dict) -> str:
+    """The fingerprint string a progress dict carries under ``"fingerprint"``."""
+    return json.dumps(fingerprint(head), sort_keys=True)
+
+
 def save_progress(root: Path, layer: int, progress: dict) -> None:
     _atomic(progress_file(root, layer), lambda tmp: torch.save(progress, tmp))
 
 
-def load_progress(root: Path, layer: int) -> dict | None:
+def load_progress(root: Path, layer: int, head: dict | None = None) -> dict | None:
+    """A layer's saved progress (``weights_only``), or None; with ``head``, progress of another set-up is refused."""
     path = progress_file(root, layer)
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        progress = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].split(". ")[0]
+        raise ConfigError(
+            f"checkpoint={root}: progress/{path.name} is unreadable with weights_only=True ({_one_line(reason)}); "
+            f"delete it to restart layer {layer} from its first epoch"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ConfigError(
+            f"checkpoint={root}: progress/{path.name} is unreadable ({_one_line(err)}); delete it to restart layer "
+            f"{layer} from its first epoch"
+        ) from err
+    if head is not None:
+        try:
+            found = json.loads(progress["fingerprint"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"checkpoint={root}: progress/{path.name} carries no fingerprint (saved by an older less-exp); delete it "
+                f"to restart layer {layer} from its first epoch"
+            ) from err
+        differs = _mismatch(found, head)
+        if differs:
+            raise ConfigError(
+                f"checkpoint={root}: progress/{path.name} was saved with {differs[0]}, this job has {differs[1]}; "
+                "use another checkpoint folder or delete that file to restart the layer"
+            )
+    return progress
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -176,7 +352,7 @@ BUDGET_KEYS = ("sink", "heavy", "recent", "ratio_of")
 
 
 def check(cfg: DictConfig) -> dict:
-    """Cheap checks of ``cfg.checkpoint`` against the eval config, before the model loads."""
+    """``cfg.checkpoint`` against the eval config and its layer files against the manifest, before the model loads."""
     root = cfg.checkpoint
     manifest = read_manifest(root)
     if cfg.policy.get("baseline_plus"):
@@ -187,6 +363,12 @@ def check(cfg: DictConfig) -> dict:
     trained = manifest["model"]["name"]
     if trained != cfg.model.name:
         raise ConfigError(f"checkpoint={root} was trained for model={trained}, but this run uses model={cfg.model.name}")
+    for key, own in (("source", cfg.model.source), ("id", _model_id(cfg.model))):
+        if manifest["model"].get(key) != own:
+            raise ConfigError(
+                f"checkpoint={root} was trained for model.{key}={manifest['model'].get(key)}, but this run's "
+                f"model={cfg.model.name} has model.{key}={own}"
+            )
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     policy.pop("baseline_plus", None)
     trained_policy = dict(manifest["policy"])
@@ -209,7 +391,27 @@ def check(cfg: DictConfig) -> dict:
             f"checkpoint={root} holds feature_map={manifest['feature_map']['name']}, but this run sets feature_map={own}; "
             "leave feature_map unset to take the checkpoint's"
         )
+    _check_layers(Path(root), manifest)
     return manifest
+
+
+def _check_layers(root: Path, manifest: dict) -> None:
+    """Every layer file is there and carries the manifest's fingerprint (so an edited manifest is caught)."""
+    expected = manifest["model"]["num_layers"]
+    missing = [layer for layer in range(expected) if not layer_file(root, layer).is_file()]
+    if missing:
+        raise ConfigError(
+            f"checkpoint={root} lacks layers {missing}; train them into the same folder "
+            f"(less-train checkpoint={root} training.from_layer={missing[0]} ...)"
+        )
+    for layer in range(expected):
+        found, _ = read_layer(root, layer)
+        differs = _mismatch(found, manifest)
+        if differs:
+            raise ConfigError(
+                f"checkpoint={root}: {layer_file(root, layer).name} was trained with {differs[0]}, but {MANIFEST} says "
+                f"{differs[1]}; the manifest was edited or the file belongs to another checkpoint"
+            )
 
 
 def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig, DictConfig]:
@@ -218,8 +420,12 @@ def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig, DictConfig
     return feature_map, OmegaConf.create(manifest["normalizer"])
 
 
-def load_into(states, root: str | Path, manifest: dict | None = None) -> None:
-    """Load every layer of the checkpoint at ``root`` into ``states``; any mismatch is a ConfigError."""
+def load_into(states, root: str | Path, manifest: dict | None = None, model: torch.nn.Module | None = None) -> None:
+    """Load every layer of the checkpoint at ``root`` into ``states``; any mismatch is a ConfigError.
+
+    With ``model`` (the model the states are for) its identity, config and weights hashes included,
+    must be the one the checkpoint was trained for. Non-finite parameters are a NonFiniteError.
+    """
     root = Path(root)
     manifest = manifest or read_manifest(root)
     expected = manifest["model"]["num_layers"]
@@ -232,22 +438,32 @@ def load_into(states, root: str | Path, manifest: dict | None = None) -> None:
     settings = states[0].settings()
     if settings != manifest["settings"]:
         raise ConfigError(f"checkpoint={root} holds states with settings {manifest['settings']}, this run builds {settings}")
-    missing = [layer for layer in range(expected) if not layer_file(root, layer).is_file()]
-    if missing:
-        raise ConfigError(
-            f"checkpoint={root} lacks layers {missing}; train them into the same folder "
-            f"(less-train checkpoint={root} training.from_layer={missing[0]} ...)"
-        )
+    _check_layers(root, manifest)
+    if model is not None:
+        trained = {key: manifest["model"].get(key) for key in MODEL_DERIVED}
+        differs = _mismatch({"model": trained}, {"model": model_identity(model)}, ("model",))
+        if differs:
+            raise ConfigError(
+                f"checkpoint={root} was trained for {differs[0]}, but this run's model={manifest['model']['name']} has "
+                f"{differs[1]}; the states belong to another model: use a checkpoint trained for this one"
+            )
     for layer, state in enumerate(states):
         path = layer_file(root, layer)
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as err:
-            raise ConfigError(f"checkpoint={root}: {path.name} is unreadable ({err})") from err
+            raise ConfigError(
+                f"checkpoint={root}: {path.name} is unreadable (truncated or corrupt: {_one_line(err)}); {_retrain(root, path)}"
+            ) from err
         own = state.state_dict()
         if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
             raise ConfigError(
                 f"checkpoint={root}: {path.name} holds {sorted((k, tuple(v.shape)) for k, v in tensors.items())}, "
                 f"this run's state needs {sorted((k, tuple(v.shape)) for k, v in own.items())}"
+            )
+        bad = _non_finite(tensors)
+        if bad:
+            raise NonFiniteError(
+                f"checkpoint={root}: {path.name} holds non-finite parameters ({', '.join(bad)}); {_retrain(root, path)}"
             )
         state.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})

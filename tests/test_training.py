@@ -16,53 +16,18 @@ from less_exp.models import load_model
 from less_exp.ops import attention_logits, sparse_attention
 from less_exp.policies import Full
 from less_exp.training import record
+from tiny_training import EVAL, TINY, train_checkpoint
 from wandb_records import read_run
 
-# key_scale_init=1 lets the tiny random model's state matter from the first step (at 1e-4 it starts as
-# the plain policy, as in the paper, and needs far more steps than a unit test takes).
-TINY = [
-    "model=tiny_llama", "logger=none", "policy=sink", "policy.recent=8",
-    "feature_map.hidden=32", "feature_map.dropout=0", "feature_map.key_scale_init=1.0",
-    "training.seq_len=64", "training.num_sequences=6", "training.epochs=4", "training.lr=3e-2",
-]
-EVAL = ["model=tiny_llama", "logger=none", "policy=sink", "policy.recent=8", "task.seq_len=64", "task.max_windows=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run several times faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def run_train(compose_config, tmp_path):
-    def _run(*overrides, checkpoint=None):
-        ckpt = checkpoint or tmp_path / "ckpt"
-        return train_job.train(compose_config("train", [*TINY, f"checkpoint={ckpt}", *overrides]))
-
-    return _run
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One finished two-layer checkpoint, shared by the read-only tests below."""
-    from hydra import compose, initialize_config_dir
-
-    from less_exp import paths
-
-    out = tmp_path_factory.mktemp("trained")
-    with initialize_config_dir(config_dir=paths.conf_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={out}", *TINY, "training.epochs=2"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_job.train(cfg)
-    finally:
-        torch.set_num_threads(threads)
-    return out / "checkpoint"
+    return train_checkpoint(tmp_path_factory.mktemp("trained"), "training.epochs=2")
 
 
 def _tensors(root):
