@@ -2,8 +2,13 @@
 
 The report is ``report.md`` (one markdown table per task, rows grouped by model, policy, budget and
 state config) plus PNG plots (metric versus memory per method, one passkey heatmap per passkey run),
-and, with ``--logger wandb``, the same tables and images in a W&B run. Runs that share a row's
-settings are kept as separate rows (the ``run`` column tells them apart); the plots average them.
+and, with ``--logger wandb``, the same tables and images in a W&B run.
+
+Only comparable runs are put together: the measurement settings that vary among a task's runs
+(:func:`run_settings`: data set, task settings, model dtype, seed) are columns of its table and split
+its plot lines, so a plot averages repeated runs only when all of them agree (seeds are averaged with
+``--average-seeds``). Failed runs (``status: failed``, or a non-finite headline metric) are listed
+apart under "Failed runs" and kept out of the tables and plots.
 """
 
 from __future__ import annotations
@@ -51,10 +56,23 @@ TASK_PLOTS = {
     "passkey": ("accuracy",),
 }
 LEAD_COLUMNS = ("model", "method", "budget", "state (token-eq.)", "memory (tokens)")
+BOOKKEEPING_KEYS = frozenset({"task.name", "task.module", "task.batch_size"})
+SEED = "seed"
+FAILED_COLUMNS = ("run", "task", "method", "reason")
 
 
 class NoResultsError(FileNotFoundError):
     """Nothing to report: a PATH does not exist, or no readable ``results.json`` lies under them."""
+
+
+@dataclass(frozen=True)
+class ReportRun(Run):
+    """A :class:`Run` with what the report also reads: its ``status`` and ``error``, and ``settings``,
+    the values of its :func:`run_settings`."""
+
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    error: str | None = None
 
 
 @dataclass
@@ -81,6 +99,7 @@ class Report:
     tables: list[Table]
     plots: list[Path] = field(default_factory=list)
     heatmaps: list[Path] = field(default_factory=list)
+    failed: list[tuple[Run, str]] = field(default_factory=list)
     wandb_run_dir: Path | None = None
 
 
@@ -111,8 +130,11 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
     return runs
 
 
-def to_run(record: Mapping[str, Any], name: str) -> Run:
-    """The :class:`Run` of one ``results.json`` record; ``ValueError`` when it is not one."""
+def to_run(record: Mapping[str, Any], name: str) -> ReportRun:
+    """The :class:`ReportRun` of one ``results.json`` record; ``ValueError`` when it is not one.
+
+    A record without ``status`` (written before it existed) counts as ok.
+    """
     if not isinstance(record, Mapping) or record.get("job") not in ("eval", TRAIN):
         raise ValueError("not an eval or train results.json")
     metrics, config = record.get("metrics"), record.get("config")
@@ -122,7 +144,8 @@ def to_run(record: Mapping[str, Any], name: str) -> Run:
     policy = metrics.get("policy") if job == "eval" and isinstance(metrics.get("policy"), str) else _name(config, "policy")
     state_tokens = metrics.get("state_token_equivalents", 0.0)
     grid = metrics.get("passkey_grid")
-    return Run(
+    error = record.get("error")
+    return ReportRun(
         name=name,
         job=job,
         model=_name(config, "model"),
@@ -133,7 +156,90 @@ def to_run(record: Mapping[str, Any], name: str) -> Run:
         state_tokens=float(state_tokens) if _is_number(state_tokens) else 0.0,
         metrics={k: v for k, v in metrics.items() if _is_scalar(v)},
         passkey_grid=grid if isinstance(grid, Mapping) else None,
+        settings=run_settings(config),
+        status=str(record.get("status", "ok")),
+        error=None if error is None else str(error),
     )
+
+
+def run_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run's numbers depend on besides model and method, by dotted key: ``data.name``, every
+    ``task.*`` key but :data:`BOOKKEEPING_KEYS` (a config group nested in the task, such as
+    ``task.dataset``, by its ``name``), ``model.dtype`` and ``seed``; absent ones are ``None``, lists tuples."""
+    data, model = config.get("data"), config.get("model")
+    settings = {"data.name": _hashable(data.get("name")) if isinstance(data, Mapping) else None}
+    task = config.get("task")
+    if isinstance(task, Mapping):
+        settings.update((k, v) for k, v in _flatten("task", task).items() if k not in BOOKKEEPING_KEYS)
+    settings["model.dtype"] = _hashable(model.get("dtype")) if isinstance(model, Mapping) else None
+    settings[SEED] = _hashable(config.get(SEED))
+    return settings
+
+
+def _flatten(prefix: str, group: Mapping[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in group.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, Mapping) and "name" in value:
+            flat[f"{path}.name"] = _hashable(value["name"])
+        elif isinstance(value, Mapping):
+            flat.update(_flatten(path, value))
+        else:
+            flat[path] = _hashable(value)
+    return flat
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def failure(run: Run, extra: Sequence[str] = ()) -> str | None:
+    """Why ``run`` is not a result: its error when its status is not ok, or ``non-finite <metric>``
+    when a headline metric (the task's plotted metrics, else its columns, and ``extra``) is a NaN or
+    infinite float; ``None`` for a good run."""
+    status = getattr(run, "status", "ok")
+    if status != "ok":
+        return getattr(run, "error", None) or f"status {status}"
+    patterns = (*(TASK_PLOTS.get(run.task) or TASK_COLUMNS.get(run.task) or ("*",)), *extra)
+    bad = [
+        key
+        for key, value in run.metrics.items()
+        if isinstance(value, float) and not math.isfinite(value) and "stderr" not in key and any(fnmatchcase(key, p) for p in patterns)
+    ]
+    return "non-finite " + ", ".join(bad) if bad else None
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """The :func:`run_settings` keys whose values differ among ``runs``, in their order."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in getattr(run, "settings", {}) if k not in keys]
+    return [k for k in keys if len({_setting(r, k) for r in runs}) > 1]
+
+
+def _setting(run: Run, key: str) -> Any:
+    return getattr(run, "settings", {}).get(key)
+
+
+def setting_text(value: Any) -> str:
+    """A setting as a cell or label shows it: ``null``, ``[512, 1024]``, ``c4``."""
+    if value is None:
+        return "null"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(setting_text(v) for v in value) + "]"
+    return _cell(value)
+
+
+def _setting_order(value: Any) -> tuple:
+    if value is None:
+        return (0, 0, "")
+    if _is_number(value) or isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, setting_text(value))
 
 
 def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool = True) -> str:
@@ -213,20 +319,25 @@ def task_columns(task: str, runs: Sequence[Run], extra: Sequence[str] = ()) -> l
 
 
 def build_tables(runs: Sequence[Run], extra: Sequence[str] = ()) -> list[Table]:
-    """One table per task (eval tasks by name, then training), rows in :meth:`Run.sort_key` order."""
+    """One table per task (eval tasks by name, then training). The task's :func:`varying_keys` are
+    columns after the lead ones; rows are ordered by model, those settings, then :meth:`Run.sort_key`."""
     tasks = sorted({r.task for r in runs}, key=lambda t: (t == TRAIN, t))
     tables = []
     for task in tasks:
-        rows = sorted((r for r in runs if r.task == task), key=Run.sort_key)
+        rows = [r for r in runs if r.task == task]
+        keys = varying_keys(rows)
+        rows.sort(key=lambda r: (r.model, [_setting_order(_setting(r, k)) for k in keys], r.sort_key()))
         metrics = task_columns(task, rows, extra)
-        table = Table(task, [*LEAD_COLUMNS, *metrics, "run"], [], [])
+        table = Table(task, [*LEAD_COLUMNS, *keys, *metrics, "run"], [], [])
         for run in rows:
+            settings = [_setting(run, k) for k in keys]
             lead = [run.model, run.method, run.budget, round(run.state_tokens, 4), run.memory]
-            values = [*lead, *(run.metrics.get(m) for m in metrics), run.name]
-            table.values.append(values)
+            raw = [setting_text(v) if isinstance(v, tuple) else v for v in settings]
+            table.values.append([*lead, *raw, *(run.metrics.get(m) for m in metrics), run.name])
             cap = "full" if run.policy == "full" else "?"
             table.cells.append(
                 [run.model, run.method, _cell(run.budget, cap), _cell(run.state_tokens), _cell(run.memory, cap)]
+                + [setting_text(v) for v in settings]
                 + [_cell(run.metrics.get(m)) for m in metrics]
                 + [run.name]
             )
@@ -255,49 +366,76 @@ def make_report(
     metrics: Sequence[str] = (),
     logger: str = "none",
     project: str | None = None,
+    average_seeds: bool = False,
 ) -> Report:
     """Read every run under ``paths``; write ``report.md`` and the PNGs into ``out_dir``.
 
     ``out_dir`` defaults to ``<first PATH>/report``; ``metrics`` replace each task's plotted
     metrics and join its columns; ``logger="wandb"`` also logs the tables and images to W&B.
+    Failed runs (see :func:`failure`) go to ``Report.failed`` and the "Failed runs" section only.
+    Plot lines are split by every :func:`varying_keys` of the task, ``seed`` aside when
+    ``average_seeds`` (then repeated seeds are averaged).
     """
     from less_exp import report_plots
 
     if not paths:
         raise NoResultsError("no PATH given")
-    runs = load_runs(paths)
-    if not runs:
+    loaded = load_runs(paths)
+    if not loaded:
         raise NoResultsError(f"no readable {FILENAME} under {', '.join(map(str, paths))}")
+    reasons = [failure(run, metrics) for run in loaded]
+    runs = [run for run, reason in zip(loaded, reasons) if reason is None]
+    failed = [(run, reason) for run, reason in zip(loaded, reasons) if reason is not None]
     first = Path(paths[0])
     out = Path(out_dir) if out_dir is not None else (first if first.is_dir() else first.parent) / "report"
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(runs, metrics)
-    plots = report_plots.metric_plots(runs, out, lambda task: tuple(metrics) or TASK_PLOTS.get(task, ()))
+    split = {}
+    for task in {r.task for r in runs}:
+        split[task] = [k for k in varying_keys([r for r in runs if r.task == task]) if not (average_seeds and k == SEED)]
+    plots = report_plots.metric_plots(
+        runs,
+        out,
+        lambda task: tuple(metrics) or TASK_PLOTS.get(task, ()),
+        lambda run: tuple((k, setting_text(_setting(run, k))) for k in split[run.task]),
+    )
     heatmaps = report_plots.passkey_heatmaps(runs, out)
-    markdown = _markdown(paths, runs, tables, plots + heatmaps, out)
+    markdown = _markdown(paths, runs, tables, plots + heatmaps, out, failed, average_seeds)
     (out / "report.md").write_text(markdown, encoding="utf-8")
-    report = Report(out, markdown, runs, tables, [p.path for p in plots], [p.path for p in heatmaps])
+    report = Report(out, markdown, runs, tables, [p.path for p in plots], [p.path for p in heatmaps], failed)
     if logger != "none":
         report.wandb_run_dir = _log_to_wandb(report, plots + heatmaps, paths, logger, project)
     return report
 
 
-def _markdown(paths, runs: Sequence[Run], tables: Sequence[Table], images, out: Path) -> str:
+def failed_table(failed: Sequence[tuple[Run, str]]) -> Table:
+    """The "Failed runs" table: each failed run's name, task, method and reason."""
+    values = [[run.name, run.task, run.method, reason] for run, reason in sorted(failed, key=lambda f: f[0].name)]
+    return Table("Failed runs", list(FAILED_COLUMNS), values, [[str(v) for v in row] for row in values])
+
+
+def _markdown(paths, runs: Sequence[Run], tables: Sequence[Table], images, out: Path, failed=(), average_seeds=False) -> str:
+    apart = f", plus {len(failed)} failed (listed under Failed runs, left out of tables and plots)" if failed else ""
+    seeds = "averaged" if average_seeds else "kept apart"
     lines = [
         "# less-report",
         "",
-        f"{len(runs)} runs from {', '.join(f'`{p}`' for p in paths)}. Budget and memory are in tokens; memory is "
-        "the budget plus the state's size in token-equivalents, rounded. Repeated runs are separate rows; "
-        "plots show their mean.",
+        f"{len(runs)} runs from {', '.join(f'`{p}`' for p in paths)}{apart}. Budget and memory are in tokens; memory is "
+        "the budget plus the state's size in token-equivalents, rounded. Settings that vary among a task's runs "
+        "(data set, task settings, model dtype, seed) are columns of its table and split its plot lines. "
+        f"Repeated runs are separate rows; plots show the mean of runs whose settings all agree (seeds {seeds}).",
     ]
     for table in tables:
         lines += ["", f"## {table.task}", "", table.markdown()]
         lines += [f"\n![{img.caption}]({img.path.relative_to(out).as_posix()})" for img in images if img.task == table.task]
+    if failed:
+        lines += ["", "## Failed runs", "", failed_table(failed).markdown()]
     return "\n".join(lines) + "\n"
 
 
 def _log_to_wandb(report: Report, images, paths, logger: str, project: str | None) -> Path | None:
-    """Log every table (``table/<task>``) and image (``plot/<file stem>``) into one W&B run."""
+    """Log every table (``table/<task>``), image (``plot/<file stem>``) and the failed runs
+    (``table/failed_runs``, when any) into one W&B run."""
     from omegaconf import OmegaConf
 
     from less_exp import paths as less_paths
@@ -306,36 +444,45 @@ def _log_to_wandb(report: Report, images, paths, logger: str, project: str | Non
     logger_cfg = OmegaConf.load(Path(less_paths.conf_dir()) / "logger" / f"{logger}.yaml")
     if project:
         logger_cfg.project = project
-    config = {"paths": [str(p) for p in paths], "runs": len(report.runs), "out_dir": str(report.out_dir)}
+    config = {"paths": [str(p) for p in paths], "runs": len(report.runs), "failed_runs": len(report.failed), "out_dir": str(report.out_dir)}
     with make_tracker(logger_cfg, config, report.out_dir, "report", "report") as tracker:
         for table in report.tables:
             tracker.log_table(f"table/{table.task}", table.columns, table.values)
+        if report.failed:
+            failed = failed_table(report.failed)
+            tracker.log_table("table/failed_runs", failed.columns, failed.values)
         for image in images:
             tracker.log_image(f"plot/{image.path.stem}", str(image.path), caption=image.caption)
-        tracker.summary({"runs": len(report.runs)})
+        tracker.summary({"runs": len(report.runs), "failed_runs": len(report.failed)})
     return tracker.run_dir
 
 
 # ------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``less-report PATH... [--out DIR] [--metric NAME] [--logger wandb|none] [--project P]``."""
+    """Command line: ``less-report PATH... [--out DIR] [--metric NAME] [--average-seeds] [--logger wandb|none] [--project P]``."""
     parser = argparse.ArgumentParser(
         prog="less-report", description="Gather every results.json under run or sweep folders into a markdown table and PNG plots."
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="run folders, sweep folders or results.json files")
     parser.add_argument("--out", help="output folder (default: <first PATH>/report)")
     parser.add_argument("--metric", action="append", default=[], help="metric to plot against the budget (repeatable)")
+    parser.add_argument(
+        "--average-seeds", action="store_true", help="average runs that differ only in seed (default: a plot line per seed)"
+    )
     parser.add_argument("--logger", choices=("none", "wandb"), default="none", help="also log to W&B (offline unless WANDB_MODE=online)")
     parser.add_argument("--project", help="W&B project (default: the logger config's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="less-report: %(message)s", stream=sys.stderr)
     try:
-        report = make_report(args.paths, args.out, args.metric, args.logger, args.project)
+        report = make_report(args.paths, args.out, args.metric, args.logger, args.project, args.average_seeds)
     except NoResultsError as err:
         print(f"less-report: error: {err}", file=sys.stderr)
         return 2
     print(report.markdown)
-    print(f"report: {report.out_dir / 'report.md'} (plots: {len(report.plots)}, passkey heatmaps: {len(report.heatmaps)})")
+    print(
+        f"report: {report.out_dir / 'report.md'} (plots: {len(report.plots)}, passkey heatmaps: {len(report.heatmaps)}, "
+        f"failed runs: {len(report.failed)})"
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The PNGs of ``less-report``: metric versus budget per method, and passkey heatmaps.
+"""The PNGs of ``less-report``: metric versus memory per method and setting, and passkey heatmaps.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so a report never opens a window
 or touches pyplot's global figure list.
@@ -22,6 +22,9 @@ from less_exp.results import Run
 
 log = logging.getLogger(__name__)
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+Settings = tuple[tuple[str, str], ...]
+
 
 @dataclass(frozen=True)
 class Plot:
@@ -32,29 +35,43 @@ class Plot:
     caption: str
 
 
-def metric_plots(runs: Sequence[Run], out: Path, metrics_for: Callable[[str], Sequence[str]]) -> list[Plot]:
+def metric_plots(
+    runs: Sequence[Run],
+    out: Path,
+    metrics_for: Callable[[str], Sequence[str]],
+    settings: Callable[[Run], Settings] = lambda run: (),
+) -> list[Plot]:
     """One PNG per (model, task, metric): the mean metric against the cache's memory in tokens
-    (budget + the state's token-equivalents, so methods compare at equal memory), a line per method.
+    (budget + the state's token-equivalents, so methods compare at equal memory), a line per method
+    and distinct ``settings`` (``(key, value)`` pairs that must agree for runs to be averaged).
 
-    When every method sits at a single memory size the figure is a bar chart instead. Full-cache
-    runs are a dashed horizontal line; a (model, task, metric) without any compressed run has no plot.
+    Settings that differ within a plot label its lines (``h2o (data.name=c4)``); each then has its own
+    colour, shared with its full-cache line, and each method its own marker. When every line sits at a
+    single memory size the figure is a bar chart instead. Full-cache runs are dashed horizontal lines; a
+    (model, task, metric) without any compressed run has no plot.
     """
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         groups[run.model, run.task].append(run)
     plots, taken = [], set()
     for (model, task), group in sorted(groups.items()):
+        split = _varying([settings(run) for run in group])
+        tag = {id(run): tuple(kv for kv in settings(run) if kv[0] in split) for run in group}
+        colours = {t: f"C{i}" for i, t in enumerate(sorted(set(tag.values())))} if split else {}
         for metric in metrics_for(task):
             lines: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-            full = []
+            line_of: dict[str, tuple[str, Settings]] = {}
+            full: dict[Settings, list[float]] = defaultdict(list)
             for run in group:
                 value = run.metrics.get(metric)
                 if not _finite(value):
                     continue
                 if run.policy == "full":
-                    full.append(value)
+                    full[tag[id(run)]].append(value)
                 elif run.memory is not None:
-                    lines[run.method][run.memory].append(value)
+                    label = _label(run.method, tag[id(run)])
+                    lines[label][run.memory].append(value)
+                    line_of[label] = run.method, tag[id(run)]
             if not lines:
                 continue
             figure = _figure()
@@ -62,23 +79,36 @@ def metric_plots(runs: Sequence[Run], out: Path, metrics_for: Callable[[str], Se
             if all(len(points) == 1 for points in lines.values()):
                 _bars(axes, lines)
             else:
-                for method in sorted(lines):
-                    sizes = sorted(lines[method])
-                    axes.plot(sizes, [mean(lines[method][b]) for b in sizes], marker="o", label=method)
+                methods = sorted({method for method, _ in line_of.values()})
+                for label in sorted(lines):
+                    method, line_tag = line_of[label]
+                    style = {"marker": MARKERS[methods.index(method) % len(MARKERS)], "color": colours[line_tag]} if split else {"marker": "o"}
+                    sizes = sorted(lines[label])
+                    axes.plot(sizes, [mean(lines[label][b]) for b in sizes], label=label, **style)
                 axes.set(xlabel="memory (tokens: budget + state token-equivalents)")
-            if full:
-                axes.axhline(mean(full), linestyle="--", color="black", label="full")
+            for full_tag in sorted(full):
+                axes.axhline(mean(full[full_tag]), linestyle="--", color=colours.get(full_tag, "black"), label=_label("full", full_tag))
             axes.set(ylabel=metric, title=f"{model} · {task} · {metric}")
             axes.grid(alpha=0.3)
             if axes.get_legend_handles_labels()[0]:
                 axes.legend(fontsize="small")
-            caption = f"{metric} versus memory, {model}, {task}"
+            caption = f"{metric} versus memory, {model}, {task}" + (f", apart by {', '.join(split)}" if split else "")
             plots.append(_save(figure, _unique(out / f"{_slug(model, task, metric)}.png", taken), task, caption))
     return plots
 
 
+def _varying(all_settings: Sequence[Settings]) -> list[str]:
+    """The keys whose value is not the same in every one of ``all_settings``, in order of appearance."""
+    keys = list(dict.fromkeys(key for pairs in all_settings for key, _ in pairs))
+    return [key for key in keys if len({dict(pairs).get(key) for pairs in all_settings}) > 1]
+
+
+def _label(method: str, settings: Settings) -> str:
+    return f"{method} ({', '.join(f'{k}={v}' for k, v in settings)})" if settings else method
+
+
 def _bars(axes, lines: dict[str, dict[int, list[float]]]) -> None:
-    """One bar per method, labelled with its memory and value."""
+    """One bar per line (method and settings), labelled with its memory and value."""
     methods = sorted(lines, key=lambda m: (next(iter(lines[m])), m))
     values = [mean(next(iter(lines[m].values()))) for m in methods]
     bars = axes.bar(range(len(methods)), values, color=[f"C{i}" for i in range(len(methods))])

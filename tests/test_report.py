@@ -164,11 +164,13 @@ def test_no_results_is_an_error_with_exit_code_2(tmp_path):
 
 def test_wandb_run_holds_tables_and_images(sweep, monkeypatch):
     monkeypatch.delenv("WANDB_CACHE_DIR")
+    write_results(sweep / "12_oom", "eval", {}, _config("perplexity", "h2o"), 1.0, status="failed", error="out of memory")
     rep = report.make_report([sweep], logger="wandb", project="less-report-test")
     assert rep.wandb_run_dir.parent == sweep / "report" / "wandb"
     run = read_run(rep.wandb_run_dir)
     assert run["config"]["runs"] == len(RUNS) and run["summary"]["runs"] == len(RUNS)
-    for task in ("passkey", "perplexity", "train"):
+    assert run["summary"]["failed_runs"] == 1
+    for task in ("passkey", "perplexity", "train", "failed_runs"):
         assert run["summary"][f"table/{task}/_type"] == "table-file"
     (table_file,) = rep.wandb_run_dir.glob("files/media/table/table/perplexity_*.table.json")
     table = json.loads(table_file.read_text())
@@ -196,3 +198,117 @@ def test_plots_place_methods_at_their_memory(tmp_path, monkeypatch):
     write_results(tmp_path / "one" / "3", "eval", {"rouge1": 0.22, **_summary("h2o", 64)}, _config("xsum", "h2o"), 1.0)
     drawn.clear()
     assert report.make_report([tmp_path / "one"], metrics=["rouge1"]).plots and drawn == []
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every matplotlib figure the report draws, to read its lines back."""
+    from less_exp import report_plots
+
+    drawn, make = [], report_plots._figure
+    monkeypatch.setattr(report_plots, "_figure", lambda: drawn.append(make()) or drawn[-1])
+    return drawn
+
+
+def _lines(figures, title: str) -> dict[str, tuple[list[float], list[float]]]:
+    """``{label: (x, y)}`` of the lines in the one figure titled ``title`` (full-cache lines span x 0..1)."""
+    (axes,) = [f.axes[0] for f in figures if f.axes and f.axes[0].get_title() == title]
+    return {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata()))) for line in axes.get_lines()}
+
+
+def _ppl_config(policy, data="wikitext2", seq_len=1024, seed=0, batch_size=1):
+    config = _config("perplexity", policy)
+    config["model"]["dtype"] = "float32"
+    config["data"] = {"name": data}
+    config["task"] = {"name": "perplexity", "split": "test", "seq_len": seq_len, "max_windows": 4, "batch_size": batch_size, "windows": "disjoint"}
+    return {**config, "seed": seed}
+
+
+def test_failed_and_non_finite_runs_are_listed_apart(sweep, figures, capsys):
+    write_results(sweep / "12_oom", "eval", {}, _config("perplexity", "h2o"), 1.0, status="failed", error="CUDA out of memory")
+    nan = float("nan")
+    write_results(sweep / "13_nan", "eval", {"perplexity": nan, "nll": nan, **_summary("h2o", 128)}, _config("perplexity", "h2o"), 1.0)
+    write_results(sweep / "14_inf", "eval", {"accuracy": float("inf"), "passkey_grid": GRID, **_summary("sink", 32)}, _config("passkey", "sink"), 1.0)
+    old = {"job": "eval", "metrics": {"perplexity": 310.0, **_summary("h2o", 128)}, "config": _config("perplexity", "h2o")}
+    (sweep / "15_before_status").mkdir()
+    (sweep / "15_before_status" / "results.json").write_text(json.dumps(old))
+
+    assert report.main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    figures.clear()
+    rep = report.make_report([sweep])
+    assert rep.markdown in printed and "failed runs: 3" in printed
+    run = lambda name: f"2026-01-01_00-00-00/{name}"  # noqa: E731
+    assert [(r.name, reason) for r, reason in rep.failed] == [
+        (run("12_oom"), "CUDA out of memory"),
+        (run("13_nan"), "non-finite perplexity"),
+        (run("14_inf"), "non-finite accuracy"),
+    ]
+    assert _table(rep.markdown, "Failed runs") == [
+        ["run", "task", "method", "reason"],
+        [run("12_oom"), "perplexity", "h2o", "CUDA out of memory"],
+        [run("13_nan"), "perplexity", "h2o", "non-finite perplexity"],
+        [run("14_inf"), "passkey", "sink", "non-finite accuracy"],
+    ]
+    assert len(rep.runs) == len(RUNS) + 1 and run("15_before_status") in [r.name for r in rep.runs]
+    shown = [row for table in rep.tables for row in table.values]
+    assert not any(row[-1].endswith(("12_oom", "13_nan", "14_inf")) for row in shown)
+    assert not any(f"{name} |" in rep.markdown.split("## Failed runs")[0] for name in ("12_oom", "13_nan", "14_inf"))
+
+    h2o = _lines(figures, "tiny_llama · perplexity · perplexity")["h2o"]
+    assert h2o == ([32.0, 64.0, 128.0], [341.0, 320.25, 310.0])
+    passkey = _lines(figures, "tiny_llama · passkey · accuracy")
+    assert sorted(passkey) == ["full"] and len(rep.heatmaps) == 3
+
+
+@pytest.mark.parametrize(("key", "other", "override"), [("data.name", "c4", {"data": "c4"}), ("task.seq_len", "512", {"seq_len": 512})])
+def test_runs_on_other_data_or_windows_are_columns_and_lines(tmp_path, monkeypatch, figures, key, other, override):
+    monkeypatch.setattr(results, "versions", dict)
+    base = "wikitext2" if key == "data.name" else "1024"
+    for setting, shift, kwargs in (("base", 0.0, {}), ("other", 100.0, override)):
+        write_results(tmp_path / f"full_{setting}", "eval", {"perplexity": 10.0 + shift, **_summary("full")}, _ppl_config("full", **kwargs), 1.0)
+        for budget, score in ((32, 30.0), (64, 20.0)):
+            config = _ppl_config("h2o", **kwargs, batch_size=budget // 16)
+            write_results(tmp_path / f"h2o_{budget}_{setting}", "eval", {"perplexity": score + shift, **_summary("h2o", budget)}, config, 1.0)
+    rep = report.make_report([tmp_path])
+
+    (table,) = rep.tables
+    assert table.columns == [*PPL_COLUMNS[:5], key, "perplexity", "run"]
+    first, second = sorted([other, base], key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
+    assert [(row[1], row[2], row[5], row[6]) for row in _table(rep.markdown, "perplexity")[1:]] == [
+        ("full", "full", first, "10" if first == base else "110"),
+        ("h2o", "32", first, "30" if first == base else "130"),
+        ("h2o", "64", first, "20" if first == base else "120"),
+        ("full", "full", second, "10" if second == base else "110"),
+        ("h2o", "32", second, "30" if second == base else "130"),
+        ("h2o", "64", second, "20" if second == base else "120"),
+    ]
+    lines = _lines(figures, "tiny_llama · perplexity · perplexity")
+    assert lines[f"h2o ({key}={base})"] == ([32.0, 64.0], [30.0, 20.0])
+    assert lines[f"h2o ({key}={other})"] == ([32.0, 64.0], [130.0, 120.0])
+    assert lines[f"full ({key}={base})"][1] == [10.0, 10.0] and lines[f"full ({key}={other})"][1] == [110.0, 110.0]
+    assert len(lines) == 4 and f"apart by {key}" in rep.markdown
+
+
+def test_seeds_apart_unless_averaged(tmp_path, monkeypatch, figures):
+    monkeypatch.setattr(results, "versions", dict)
+    for seed in (0, 1):
+        write_results(tmp_path / f"full_{seed}", "eval", {"perplexity": 10.0 + seed, **_summary("full")}, _ppl_config("full", seed=seed), 1.0)
+        for budget in (32, 64):
+            metrics = {"perplexity": 1000.0 / budget + 2 * seed, **_summary("h2o", budget)}
+            write_results(tmp_path / f"h2o_{budget}_{seed}", "eval", metrics, _ppl_config("h2o", seed=seed), 1.0)
+    title = "tiny_llama · perplexity · perplexity"
+
+    rep = report.make_report([tmp_path])
+    assert rep.tables[0].columns[5] == "seed" and [row[5] for row in rep.tables[0].values] == [0, 0, 0, 1, 1, 1]
+    assert _lines(figures, title) == {
+        "h2o (seed=0)": ([32.0, 64.0], [31.25, 15.625]),
+        "h2o (seed=1)": ([32.0, 64.0], [33.25, 17.625]),
+        "full (seed=0)": ([0.0, 1.0], [10.0, 10.0]),
+        "full (seed=1)": ([0.0, 1.0], [11.0, 11.0]),
+    }
+
+    figures.clear()
+    assert report.main([str(tmp_path), "--average-seeds", "--out", str(tmp_path / "averaged")]) == 0
+    assert _lines(figures, title) == {"h2o": ([32.0, 64.0], [32.25, 16.625]), "full": ([0.0, 1.0], [10.5, 10.5])}
+    assert "| seed |" in (tmp_path / "averaged" / "report.md").read_text()
