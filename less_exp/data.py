@@ -56,8 +56,15 @@ def load_text(data_cfg: DictConfig, split: str) -> str:
     path = local_file(data_cfg, split)
     if path is not None and path.is_file():
         if path.suffix == ".jsonl":
-            return join.join(row[field] for row in _jsonl(path))
-        return path.read_text(encoding="utf-8")
+            return join.join(_field(row, field, path, n) for n, row in _jsonl(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); point "
+                              f"data.local.files.{split} at a text file") from None
+        if not text.strip():
+            raise ConfigError(f"data file {path} is empty; point data.local.files.{split} at a file with text")
+        return text
     return join.join(row[field] for row in _hub_rows(data_cfg, split))
 
 
@@ -71,12 +78,26 @@ def load_records(data_cfg: DictConfig, split: str) -> list[dict]:
     if not fields:
         raise ConfigError(f"data={data_cfg.name} has no input/target fields; it is a text set, use load_text")
     records = []
-    for row in _jsonl(path) if on_disk else _hub_rows(data_cfg, split):
+    rows = _jsonl(path) if on_disk else enumerate(_hub_rows(data_cfg, split), 1)
+    for n, row in rows:
         record = dict(row)
-        record["input"] = prompt.format(input=row[fields.input]) if prompt else row[fields.input]
-        record["target"] = row[fields.target]
+        text = _field(row, fields.input, path, n)
+        record["input"] = prompt.format(input=text) if prompt else text
+        record["target"] = _field(row, fields.target, path, n)
         records.append(record)
+    if not records:
+        raise ConfigError(f"data={data_cfg.name} split={split}: {path or 'the hub split'} holds no records")
     return records
+
+
+def _field(row, name: str, path: Path | None, line: int) -> str:
+    """``row[name]`` as a string, or a ConfigError naming the file, line and field."""
+    where = f"{path} line {line}" if path is not None else f"hub row {line}"
+    if not isinstance(row, dict) or name not in row:
+        raise ConfigError(f"{where} has no field {name!r}; every line needs it (data.local.fields names the fields)")
+    if not isinstance(row[name], str):
+        raise ConfigError(f"{where}: field {name!r} is {type(row[name]).__name__}, not text")
+    return row[name]
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -124,9 +145,19 @@ def _check_split(split: str) -> None:
         raise ConfigError(f"split={split!r} is not one of {SPLITS}")
 
 
-def _jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def _jsonl(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line; a line that is not JSON is named in the error."""
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    rows.append((n, json.loads(line)))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} line {n} is not JSON ({err.msg}); fix or remove that line") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason}); point the data config at a jsonl file") from None
+    return rows
 
 
 def _hub_rows(data_cfg: DictConfig, split: str) -> Iterable[dict]:

@@ -10,6 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from less_exp import checkpoints, factory, paths, runtime, tasks
+from less_exp.errors import NonFiniteError
+from less_exp.guards import FiniteGuard
 from less_exp.models import load_model
 
 JOB = "eval"
@@ -28,7 +30,15 @@ def evaluate(cfg: DictConfig) -> dict:
     with runtime.Job(cfg, JOB) as job:
         model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
         model = factory.apply(model, cfg)
-        metrics = task.run(model, tokenizer, cfg, job.tracker)
+        batch = cfg.task.get("batch_size")
+        batch = (batch if isinstance(batch, int) else 1) * (2 if cfg.task.get("pad") else 1)
+        factory.check_memory(model, "task.seq_len", cfg.task.get("seq_len"), batch)
+        try:
+            with FiniteGuard(model):
+                metrics = task.run(model, tokenizer, cfg, job.tracker)
+        except NonFiniteError as err:
+            job.fail(err)
+            raise
         for key, value in factory.summary(model, cfg, metrics.get("budget_length")).items():
             metrics.setdefault(key, value)
         results = job.finish(metrics)
@@ -44,8 +54,13 @@ def _fmt(value) -> str:
 @hydra.main(config_path=paths.conf_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Command line: ``less-eval [overrides]``, ``-m`` to sweep."""
-    evaluate(cfg)
+    runtime.run_cli("less-eval", evaluate, cfg)
+
+
+def cli() -> None:
+    """The ``less-eval`` console script."""
+    runtime.cli("less-eval", "eval", main)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

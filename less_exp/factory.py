@@ -7,6 +7,8 @@ summarises the compression for results tables.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +36,8 @@ def validate(cfg: DictConfig) -> None:
     for group in ("gating", "reweighting"):
         if cfg[group].get("name", "none") != "none":
             raise ConfigError(f"{group}={cfg[group].name} is not implemented yet; use {group}=none")
+    if cfg.get("checkpoint_budget", "trained") not in checkpoints.BUDGET_MATCH:
+        raise ConfigError(f"checkpoint_budget={cfg.checkpoint_budget!r} is not one of {checkpoints.BUDGET_MATCH}")
     has_state = cfg.feature_map.get("name", "none") != "none"
     if policy.baseline_plus and not has_state:
         raise ConfigError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
@@ -92,7 +96,7 @@ def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
     if cfg.get("checkpoint"):
         manifest = checkpoints.check(cfg)
         states = make_states(cfg, model, *checkpoints.state_nodes(cfg, manifest))
-        checkpoints.load_into(states, cfg.checkpoint, manifest)
+        checkpoints.load_into(states, cfg.checkpoint, manifest, model=model)
     else:
         states = make_states(cfg, model)
     extra = 0.0
@@ -117,3 +121,26 @@ def summary(model: torch.nn.Module, cfg: DictConfig, length: int | None = None) 
         return {"policy": "full", "budget": None, "state_token_equivalents": 0.0}
     length = length or cfg.task.get("seq_len") or comp.max_positions
     return comp.describe(int(length))
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes of memory on ``device``: the GPU's total, or the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(model: torch.nn.Module, setting: str, length: int | None, batch: int = 1) -> None:
+    """Refuse, with the estimate, a parallel form whose attention logits cannot fit: it holds
+    ``batch x heads x length^2`` float32 logits about three times (logits, masked copy, weights)."""
+    comp = compression_of(model)
+    if comp is None or not length:
+        return
+    need = 3 * 4 * batch * comp.num_heads * int(length) ** 2
+    have = available_memory(next(model.parameters()).device)
+    if need > have:
+        raise ConfigError(
+            f"{setting}={length}: the parallel form would need about {need / 2**30:.1f} GiB for its attention "
+            f"logits ({batch} x {comp.num_heads} heads x {length}^2 float32, x3) but this machine has "
+            f"{have / 2**30:.1f} GiB; lower {setting}"
+        )

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
+import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT_DIR / "conf"
@@ -53,6 +55,41 @@ def run_dirname(overrides: str, limit: int = 160) -> str:
     return name
 
 
+def unwritable_output(argv: list[str]) -> str | None:
+    """Why the run folder that ``argv`` asks for cannot be created (checked before Hydra creates it)."""
+    wanted = {}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir", "paths.output_root") and value:
+            wanted[key] = value
+    if not wanted:
+        wanted["LESS_OUTPUT_DIR"] = os.environ.get("LESS_OUTPUT_DIR") or str(ROOT_DIR / "outputs")
+    for key, value in wanted.items():
+        if "${" in value:
+            continue
+        folder = Path(value).expanduser().absolute()
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        try:
+            if existing is None or not existing.is_dir():
+                raise NotADirectoryError
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".less-write-check-"))
+        except OSError as err:
+            reason = err.strerror or "not a folder"
+            return f"{key}={value}: cannot create folders in {existing or folder} ({reason}); choose a writable folder"
+    return None
+
+
+# one per process, so that runs started in the same second (here or on SLURM) never share a folder
+RUN_ID = secrets.token_hex(3)
+
+
+def short_hash(value) -> str:
+    """8 hex characters of the sorted overrides (or any value): folders of jobs whose overrides differ
+    in anything, excluded keys such as ``seed`` included, never collide."""
+    items = sorted(str(v) for v in value) if isinstance(value, (list, tuple, ListConfig)) else [str(value)]
+    return hashlib.sha1("\n".join(items).encode()).hexdigest()[:8]
+
+
 def register_resolvers() -> None:
     """Expose the defaults above to the configs as ``${less.root:}`` etc."""
     resolvers = {
@@ -60,10 +97,13 @@ def register_resolvers() -> None:
         "less.cache": lambda: str(cache_dir()),
         "less.data": lambda: str(data_root()),
         "less.dirname": run_dirname,
+        "less.run_id": lambda: RUN_ID,
+        "less.hash": short_hash,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            # cached like Hydra's ${now:}: a config carries the value it first resolved (to SLURM workers too)
+            OmegaConf.register_new_resolver(name, fn, use_cache=name == "less.run_id")
 
 
 register_resolvers()

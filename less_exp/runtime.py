@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -11,8 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from less_exp import models
-from less_exp.errors import ConfigError
-from less_exp.results import write_results
+from less_exp.errors import ConfigError, LessError, NonFiniteError
+from less_exp.guards import check_metrics
+from less_exp.results import FILENAME, write_results
 from less_exp.tracking import make_tracker
 
 
@@ -60,6 +64,37 @@ def run_name() -> str | None:
     return HydraConfig.get().job.override_dirname or None
 
 
+# keys that do not change what a job computes: a rerun that differs only in these may reuse its folder
+BOOKKEEPING = ("paths", "logger", "device")
+
+
+def refuse_foreign_results(out_dir: Path, job: str, config: dict) -> None:
+    """A folder that already holds another job's or another configuration's results is not overwritten;
+    the same configuration again (a rerun, a resume) may continue there."""
+    path = out_dir / FILENAME
+    if not path.is_file():
+        return
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        found = {}
+    if not isinstance(found, dict):
+        found = {}
+    old = {k: v for k, v in (found.get("config") or {}).items() if k not in BOOKKEEPING}
+    new = {k: v for k, v in config.items() if k not in BOOKKEEPING}
+    differ = sorted(_differences(old, new))
+    if found.get("job") != job or differ:
+        what = f"differs in {', '.join(differ[:5])}" if differ else f"comes from less-{found.get('job', '?')}"
+        raise ConfigError(f"{out_dir} already holds the results of another run ({what}); give this run its own "
+                          "folder (drop hydra.run.dir=..., or choose another)")
+
+
+def _differences(a, b, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set().union(*(_differences(a.get(k), b.get(k), f"{prefix}{k}.") for k in set(a) | set(b))) if a or b else set()
+    return set() if a == b else {prefix.rstrip(".")}
+
+
 class Job:
     """What every job does around its work: the output folder, the resolved config, the tracker,
     the clock, and ``results.json`` at the end.
@@ -72,6 +107,7 @@ class Job:
         self.started = time.perf_counter()
         self.out_dir = output_dir(cfg)
         self.config = OmegaConf.to_container(cfg, resolve=True)
+        refuse_foreign_results(self.out_dir, name, self.config)
         self.tracker = make_tracker(cfg.logger, self.config, self.out_dir, name, run_name())
 
     def __enter__(self) -> "Job":
@@ -82,8 +118,77 @@ class Job:
         self.tracker.__exit__(exc_type, exc, tb)
 
     def finish(self, metrics: dict) -> Path:
-        """Log the scalar metrics as the run's summary and write ``results.json``; returns its path."""
+        """Log the scalar metrics as the run's summary and write ``results.json``; returns its path.
+
+        A non-finite metric fails the run instead (:meth:`fail`), so no NaN is ever written as a result.
+        """
+        try:
+            check_metrics(metrics)
+        except NonFiniteError as err:
+            self.fail(err)
+            raise
         duration = time.perf_counter() - self.started
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
         self.tracker.summary({**scalars, "duration_s": duration})
         return write_results(self.out_dir, self.name, metrics, self.config, duration)
+
+    def fail(self, error: BaseException) -> Path:
+        """Write ``results.json`` marked failed, with the reason and no metrics."""
+        self.tracker.summary({"failed": str(error)})
+        return write_results(self.out_dir, self.name, {}, self.config, time.perf_counter() - self.started,
+                             status="failed", error=str(error))
+
+
+def run_cli(prog: str, work, cfg: DictConfig):
+    """Run a job from the command line: a user's error is one line on stderr and its exit code.
+
+    ``LESS_DEBUG=1`` or ``HYDRA_FULL_ERROR=1`` lets the exception through with its traceback.
+    """
+    try:
+        return work(cfg)
+    except LessError as err:
+        if os.environ.get("LESS_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def compose_error(config_name: str, argv: list[str]) -> str | None:
+    """What is wrong with the command line's overrides (an unknown group option or key, bad syntax,
+    a missing value), found by composing the config once before Hydra runs; None when it composes.
+    Sweeps (``-m``) and Hydra's own options are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from less_exp.paths import conf_dir
+
+    if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
+        return None
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name=config_name):
+            cfg = compose(config_name, overrides=list(argv), return_hydra_config=True)
+            OmegaConf.to_container(cfg.get("paths", {}), resolve=False)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        options = [line for line in lines[1:] if not line.startswith(("Config search path", "provider="))]
+        head = lines[0] if lines else type(err).__name__
+        if "Available options" in " ".join(options):
+            index = next(i for i, line in enumerate(options) if line.startswith("Available options"))
+            head += f" ({options[index].rstrip(':').lower()}: {', '.join(options[index + 1:])})"
+        elif len(lines) > 1 and not lines[1].startswith("full_key"):
+            head += f" ({lines[1]})"
+        return head
+    return None
+
+
+def cli(prog: str, config_name: str, main) -> None:
+    """A console script: a bad override or an unwritable output folder is one line (exit code 2),
+    found before Hydra starts; then ``main`` (the Hydra entry point) runs."""
+    from less_exp.paths import unwritable_output
+
+    problem = compose_error(config_name, sys.argv[1:]) or unwritable_output(sys.argv[1:])
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    main()

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from less_exp import factory, paths, runtime, training
+from less_exp.errors import NonFiniteError
 from less_exp.models import load_model
 
 JOB = "train"
@@ -26,7 +27,11 @@ def train(cfg: DictConfig) -> dict:
     device = runtime.resolve_device(cfg.device)
     with runtime.Job(cfg, JOB) as job:
         model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
-        metrics = mode.run(cfg, model, tokenizer, job.tracker, job.out_dir)
+        try:
+            metrics = mode.run(cfg, model, tokenizer, job.tracker, job.out_dir)
+        except NonFiniteError as err:
+            job.fail(err)
+            raise
         results = job.finish(metrics)
     print(
         f"{cfg.training.mode}: layers done {metrics['layers_done']}/{metrics['num_layers']}, "
@@ -41,8 +46,13 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(config_path=paths.conf_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Command line: ``less-train [overrides]``, ``-m`` to sweep."""
-    train(cfg)
+    runtime.run_cli("less-train", train, cfg)
+
+
+def cli() -> None:
+    """The ``less-train`` console script."""
+    runtime.cli("less-train", "train", main)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -39,11 +39,38 @@ def _isolated_dirs(tmp_path_factory):
 def compose_config(tmp_path):
     """``compose_config("eval", ["model=tiny_llama"])``: a config as the job would see it.
 
-    ``paths.output_dir`` (Hydra's run folder in a real job) points at the test's ``tmp_path``.
+    ``paths.output_dir`` (Hydra's run folder in a real job) is the test's ``tmp_path`` for the first
+    config and ``tmp_path/run<k>`` for the k-th after it, as separate runs get separate folders.
     """
+    count = []
 
     def _compose(config_name: str = "eval", overrides: list[str] | tuple = ()):
+        out = tmp_path if not count else tmp_path / f"run{len(count) + 1}"
+        count.append(1)
         with initialize_config_dir(config_dir=paths.conf_dir(), version_base="1.3", job_name=config_name):
-            return compose(config_name, overrides=[f"paths.output_dir={tmp_path}", *overrides])
+            return compose(config_name, overrides=[f"paths.output_dir={out}", *overrides])
 
     return _compose
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors run several times faster on one thread when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_train(compose_config, tmp_path):
+    """``run_train(*overrides, checkpoint=None)``: the tiny layer-wise training (tests/tiny_training.py)."""
+    from tiny_training import TINY
+
+    from less_exp import train as train_job
+
+    def _run(*overrides, checkpoint=None):
+        ckpt = checkpoint or tmp_path / "ckpt"
+        return train_job.train(compose_config("train", [*TINY, f"checkpoint={ckpt}", *overrides]))
+
+    return _run

@@ -1,7 +1,6 @@
 """Every policy / feature-map config composes, attaches to a model and runs through the eval job."""
 
 import pytest
-import torch
 
 from less_exp.adapter import compression_of
 from less_exp.factory import apply, validate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -89,9 +90,11 @@ def test_command_line_sweep(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = sorted(Path(tmp_path, "multirun", "eval").glob("*/*/results.json"))
-    assert [p.parent.name for p in results] == [
+    names = [p.parent.name for p in results]  # <job number>_<overrides>_<hash of all overrides>
+    assert [name.rsplit("_", 1)[0] for name in names] == [
         f"{i}_data.local.dir=wikitext-2,model=tiny_llama,task.max_windows={i + 1},task.seq_len=64" for i in range(2)
     ]
+    assert all(re.fullmatch(r"[0-9a-f]{8}", name.rsplit("_", 1)[1]) for name in names)
     assert [json.loads(p.read_text())["metrics"]["num_windows"] for p in results] == [1, 2]
     assert proc.stdout.count("perplexity: perplexity=") == 2
 

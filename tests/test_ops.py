@@ -18,7 +18,7 @@ from less_exp.ops import (
 )
 from less_exp.ops.naive import naive_less_attention, naive_linear_attention
 from less_exp.policies import H2O, TOVA, Sink, Window
-from less_exp.state import Elu1, JointNormalizer, LessMLP, LessState, LessStates
+from less_exp.state import Elu1, JointNormalizer, LessMLP, LessStates
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

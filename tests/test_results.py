@@ -12,7 +12,8 @@ def test_results_json_fields(tmp_path):
     path = write_results(tmp_path, "eval", {"perplexity": 21.5}, {"model": {"name": "tiny_llama"}}, 1.23456)
     assert path == tmp_path / "results.json"
     record = json.loads(path.read_text())
-    assert set(record) == {"job", "metrics", "config", "versions", "duration_s"}
+    assert set(record) == {"job", "status", "metrics", "config", "versions", "duration_s"}
+    assert record["status"] == "ok"
     assert record["job"] == "eval" and record["metrics"] == {"perplexity": 21.5}
     assert record["config"] == {"model": {"name": "tiny_llama"}} and record["duration_s"] == 1.235
     assert {"python", "torch", "transformers", "less_exp", "git_commit"} <= set(record["versions"])

@@ -8,6 +8,7 @@ installed (`apt-get install -y slurm-wlm munge`, or scripts/install_slurm.sh) or
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -60,9 +61,11 @@ def test_sweep_runs_as_a_slurm_job_array(slurm_conf, tmp_path):
 
     (sweep,) = (tmp_path / "multirun" / "eval").iterdir()
     results = sorted(sweep.glob("*/results.json"))
-    assert [p.parent.name for p in results] == [
+    names = [p.parent.name for p in results]  # <job number>_<overrides>_<hash of all overrides>
+    assert [name.rsplit("_", 1)[0] for name in names] == [
         f"{i}_model=tiny_llama,task.max_windows={i + 1},task.seq_len=64" for i in range(2)
     ]
+    assert all(re.fullmatch(r"[0-9a-f]{8}", name.rsplit("_", 1)[1]) for name in names)
     assert [json.loads(p.read_text())["metrics"]["num_windows"] for p in results] == [1, 2]
 
     # submitit's folder: the array's sbatch script, then one folder per task, <array job id>_<index>.

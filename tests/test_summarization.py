@@ -62,9 +62,35 @@ def test_killed_job_resumes_to_the_same_rows(compose_config, tmp_path, articles)
     assert by_index(cut_short) == by_index(whole)
     assert {k: resumed[k] for k in ("rouge1", "rouge2", "rougeL", "num_samples")} == {
         k: reference[k] for k in ("rouge1", "rouge2", "rougeL", "num_samples")}
-    # A different seed is a different run: nothing reused.
-    eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={cut_short}", "seed=1"]))
-    assert len(rows_of(cut_short)) == 6 + 6
+    # A different seed is a different run: it may not write into this run's folder.
+    with pytest.raises(ConfigError, match="already holds the results of another run.*seed"):
+        eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={cut_short}", "seed=1"]))
+
+
+def test_rows_of_an_older_data_file_are_never_reused(compose_config, tmp_path, articles, capsys):
+    """Same config and folder, but the data file changed: its old rows are left aside, not averaged in."""
+    overrides = base(articles, "task.num_samples=null", "policy=sink", "policy.sink=2", "policy.recent=10")
+    first = eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={tmp_path / 'run'}"]))
+    assert first["num_samples"] == 6
+    articles.write_text("".join(json.dumps({"article": PROMPT.format(f"Other story {i}. " * 3), "summary_gt": f"Other {i}."}) + "\n"
+                                for i in range(2)))
+    second = eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={tmp_path / 'run'}"]))
+    assert second["num_samples"] == 2
+    assert "6 rows of another configuration or data file are not reused" in capsys.readouterr().out
+    fresh = eval_job.evaluate(compose_config("eval", [*overrides, f"paths.output_dir={tmp_path / 'fresh'}"]))
+    assert {k: second[k] for k in ("rouge1", "rougeL")} == {k: fresh[k] for k in ("rouge1", "rougeL")}
+
+
+@pytest.mark.parametrize("content, match", [
+    ("", "holds no records"),
+    ('{"article": "x"}\n', "line 1 has no field 'summary_gt'"),
+    ('{"article": "x", "summary_gt": "y"}\n{not json\n', "line 2 is not JSON"),
+])
+def test_bad_data_files_fail_naming_the_file(compose_config, tmp_path, content, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        eval_job.evaluate(compose_config("eval", base(bad)))
 
 
 def test_ratio_budget_is_reported_at_the_mean_prompt_length(compose_config, tmp_path, articles):

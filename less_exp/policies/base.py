@@ -68,8 +68,12 @@ class EvictionPolicy:
     def __post_init__(self) -> None:
         if self.ratio_of not in RATIO_BASES:
             raise ValueError(f"policy.ratio_of must be one of {RATIO_BASES}, got {self.ratio_of!r}")
+        if not isinstance(self.baseline_plus, bool):
+            raise ValueError(f"policy.baseline_plus={self.baseline_plus!r} must be true or false")
         for field in ("sink", "heavy", "recent"):
             value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"policy.{field}={value!r} must be a number (a token count, or a ratio with policy.ratio_of)")
             if value < 0:
                 raise ValueError(f"policy.{field} must be >= 0, got {value}")
             if self.ratio_of is None and float(value) != int(value):

@@ -62,11 +62,14 @@ def validate(cfg: DictConfig) -> None:
     data.check_available(dataset(cfg), task.split)
 
 
-def run_key(cfg: DictConfig) -> str:
-    """A short hash of everything that decides the generated text."""
+def run_key(cfg: DictConfig, records: list[dict]) -> str:
+    """A short hash of everything that decides the generated text and its scores: the config and the
+    prompts and references themselves, so rows written for an older data file are never reused."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "policy", "feature_map", "gating", "reweighting", "normalizer")}
     task = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k not in ("batch_size",)}
-    blob = json.dumps({**parts, "task": task, "checkpoint": cfg.get("checkpoint"), "seed": cfg.seed}, sort_keys=True, default=str)
+    data = hashlib.sha1(json.dumps([[r["input"], r["target"]] for r in records]).encode()).hexdigest()
+    blob = json.dumps({**parts, "task": task, "checkpoint": cfg.get("checkpoint"), "seed": cfg.seed, "data": data},
+                      sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -81,19 +84,25 @@ def _batches(lengths: dict[int, int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _done_rows(path: Path, key: str) -> dict[int, dict]:
-    """Rows of this run already on disk; a line cut short by a kill is dropped from the file."""
+def _done_rows(path: Path, key: str, wanted) -> dict[int, dict]:
+    """Rows of this run (same config and data) already on disk for the ``wanted`` indices; a line cut
+    short by a kill is dropped from the file; rows of another config or data file are left there and
+    said so, never reused."""
     if not path.is_file():
         return {}
-    good, rows = [], {}
+    good, rows, stale = [], {}, 0
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
         good.append(line)
-        if row.get("run_key") == key:
+        if row.get("run_key") == key and row.get("index") in wanted:
             rows[row["index"]] = row
+        else:
+            stale += 1
+    if stale:
+        print(f"{path.name}: {stale} rows of another configuration or data file are not reused")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
     os.replace(tmp, path)
@@ -111,8 +120,11 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     encoded = {i: tokenizer(r["input"])["input_ids"] for i, r in enumerate(records)}
     lengths = {i: len(ids) for i, ids in encoded.items() if len(ids) + task.max_new_tokens <= limit}
     skipped = len(records) - len(lengths)
-    key, path = run_key(cfg), output_dir(cfg) / ROWS
-    rows = _done_rows(path, key)
+    if not lengths:
+        raise ConfigError(f"{task.name}: none of the {len(records)} prompts fits model.max_length={limit} with "
+                          f"task.max_new_tokens={task.max_new_tokens}")
+    key, path = run_key(cfg, records), output_dir(cfg) / ROWS
+    rows = _done_rows(path, key, lengths)
     if rows:
         print(f"{task.name}: resuming, {len(rows)} of {len(lengths)} samples already in {path}")
     scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from less_exp import checkpoints, data
 from less_exp.adapter import attention_modules
 from less_exp.factory import instantiate_component, make_states
-from less_exp.errors import ConfigError
+from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.models import DTYPES
 from less_exp.ops import attention_logits, gather_stream, sparse_attention
 from less_exp.policies import Budget, EvictionPolicy
@@ -104,7 +104,8 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     plus = dataclasses.replace(policy, baseline_plus=True)
     plus_budget = plus.budget(length=t.seq_len, max_positions=max_positions, state_tokens=states.token_equivalents())
     root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
-    checkpoints.open_for_training(root, checkpoints.header(cfg, model, states, budget))
+    head = checkpoints.header(cfg, model, states, budget)
+    checkpoints.open_for_training(root, head)
     done = checkpoints.done_layers(root)
     todo = [layer for layer in layers if layer not in done]
     print(f"less-train: layers {layers[0]}-{layers[-1]} into {root}: {len(todo)} to train, {len(layers) - len(todo)} already done")
@@ -124,7 +125,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
         }
         record_dir = Path(t.record_dir)
         chunk = t.layers_per_recording or len(todo)
-        fit = LayerFit(policy, budget, plus, plus_budget, t, cfg.seed, device, root, tracker)
+        fit = LayerFit(policy, budget, plus, plus_budget, t, cfg.seed, device, root, tracker, head)
         with tqdm(total=len(todo), desc="layers", unit="layer") as bar:
             for first in range(0, len(todo), chunk):
                 group = todo[first : first + chunk]
@@ -160,11 +161,17 @@ def masked_sq_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 class LayerFit:
-    """Fits one layer's state on its recorded sequences, with per-epoch progress for resuming."""
+    """Fits one layer's state on its recorded sequences, with per-epoch progress for resuming.
 
-    def __init__(self, policy, budget: Budget, plus, plus_budget: Budget, t, seed, device, root: Path, tracker: Tracker):
+    ``head`` is the job's checkpoint fingerprint (:func:`less_exp.checkpoints.header`): the layer file and
+    the progress carry it, and progress saved under another one is refused.
+    """
+
+    def __init__(self, policy, budget: Budget, plus, plus_budget: Budget, t, seed, device, root: Path, tracker: Tracker,
+                 head: dict):
         self.policy, self.budget, self.plus, self.plus_budget = policy, budget, plus, plus_budget
         self.t, self.seed, self.device, self.root, self.tracker = t, seed, device, Path(root), tracker
+        self.head = head
 
     # -------------------------------------------------------------- preparation
     def prepare(self, module, o_proj, files: list[Path], val_idx: list[int]) -> tuple[list[Path], dict]:
@@ -245,11 +252,12 @@ class LayerFit:
         optimizer = torch.optim.Adam(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step_epochs, gamma=float(t.lr_gamma))
 
-        progress = checkpoints.load_progress(self.root, layer)
+        progress = checkpoints.load_progress(self.root, layer, self.head)
         if progress is None:
             initial = self.evaluate(state, o_proj, val_files)
-            progress = {"epoch": 0, "history": [], "initial_val_mse": initial, "best_val_mse": initial,
-                        "best_epoch": 0, "best_state": _copy(state.state_dict()), "elapsed_s": 0.0}
+            progress = {"fingerprint": checkpoints.progress_fingerprint(self.head), "epoch": 0, "history": [],
+                        "initial_val_mse": initial, "best_val_mse": initial, "best_epoch": 0,
+                        "best_state": _copy(state.state_dict()), "elapsed_s": 0.0}
         else:
             state.load_state_dict(progress["state"])
             optimizer.load_state_dict(progress["optimizer"])
@@ -265,6 +273,11 @@ class LayerFit:
                 total, count = 0.0, 0
                 for chunk in _chunks([train_files[i] for i in order], t.batch_size):
                     err, n = self._error(state, o_proj, self._batch(chunk))
+                    if not torch.isfinite(err):
+                        raise NonFiniteError(
+                            f"layer {layer}, epoch {epoch + 1}: the training loss is {err.item()} (records "
+                            f"{', '.join(Path(f).name for f in chunk)}); lower training.lr, or record in float32"
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     (err / n).backward()
                     optimizer.step()
@@ -313,7 +326,7 @@ class LayerFit:
             "epoch_s": round(sum(h.get("seconds", 0.0) for h in history) / max(len(history), 1), 3),
         }
         state.load_state_dict(progress["best_state"])
-        checkpoints.save_layer(self.root, layer, progress["best_state"], metrics)
+        checkpoints.save_layer(self.root, layer, progress["best_state"], metrics, self.head)
         for path in prepared:
             path.unlink(missing_ok=True)
         self.tracker.log({"layer": layer, **{f"layers/{k}": v for k, v in metrics.items() if not isinstance(v, list)}})

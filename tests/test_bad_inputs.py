@@ -1,0 +1,131 @@
+"""Bad inputs at the command line: each is one line on stderr naming the setting or file, a distinct
+exit code, no traceback, well under 20 s, and nothing left behind that a later run could read as a result.
+
+The cases run as real ``less-eval``/``less-train``/``less-report`` processes, two at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+EVAL = ["less-eval", "model=tiny_llama", "logger=none"]
+TRAIN = ["less-train", "model=tiny_llama", "logger=none", "training.seq_len=64", "training.num_sequences=4"]
+H2O = ["policy=h2o", "policy.heavy=8", "policy.recent=8"]
+
+# (id, command, files to write first {name: text}, exit code, message pattern)
+CASES = [
+    ("unknown-policy", [*EVAL, "policy=nope"], {}, 2, r"Could not find 'policy/nope'.*h2o"),
+    ("unknown-key", [*EVAL, "task.seqlen=5"], {}, 2, r"task\.seqlen"),
+    ("override-syntax", [*EVAL, "policy.heavy==3"], {}, 2, r"Error parsing override 'policy\.heavy==3'"),
+    ("not-a-number", [*EVAL, "policy=h2o", "policy.recent=abc"], {}, 2, r"policy\.recent='abc' must be a number"),
+    ("negative-budget", [*EVAL, "policy=h2o", "policy.heavy=-1"], {}, 2, r"policy\.heavy must be >= 0"),
+    ("fraction-without-ratio", [*EVAL, "policy=h2o", "policy.heavy=0.5"], {}, 2, r"fractional.*ratio_of"),
+    ("unknown-ratio-base", [*EVAL, "policy=h2o", "policy.ratio_of=tokens"], {}, 2, r"policy\.ratio_of must be one of"),
+    ("sink-with-heavy", [*EVAL, "policy=sink", "policy.heavy=3"], {}, 2, r"sink ranks no tokens.*policy\.heavy=0"),
+    ("window-without-recent", [*EVAL, "policy=window", "policy.recent=0"], {}, 2, r"policy\.recent must resolve to >= 1"),
+    ("budget-over-length", [*EVAL, "policy=h2o", "task.seq_len=64"], {}, 2, r"not smaller than the sequence length 64"),
+    ("baseline-plus-no-state", [*EVAL, *H2O, "policy.baseline_plus=true"], {}, 2, r"baseline_plus=true needs a feature_map"),
+    ("baseline-plus-not-bool", [*EVAL, *H2O, "feature_map=less_mlp", "policy.baseline_plus=maybe"], {}, 2, r"baseline_plus='maybe' must be true or false"),
+    ("gating-option", [*EVAL, "gating=decay"], {}, 2, r"Could not find 'gating/decay'"),
+    ("zero-features", [*EVAL, *H2O, "feature_map=less_mlp", "feature_map.features=0"], {}, 2, r"features=0"),
+    ("dropout-range", [*EVAL, *H2O, "feature_map=less_mlp", "feature_map.dropout=1.5"], {}, 2, r"dropout=1\.5"),
+    ("dtype", [*EVAL, "model.dtype=float64"], {}, 2, r"model\.dtype='float64'"),
+    ("no-cuda", [*EVAL, "device=cuda"], {}, 2, r"CUDA is not available.*device=cpu"),
+    ("bad-device", [*EVAL, "device=tpu9"], {}, 2, r"device='tpu9' is not a torch device"),
+    ("seed-not-int", [*EVAL, "seed=abc"], {}, 2, r"seed='abc' must be an integer"),
+    ("seq-len-one", [*EVAL, "task.seq_len=1"], {}, 2, r"task\.seq_len"),
+    ("max-windows-zero", [*EVAL, "task.max_windows=0"], {}, 2, r"task\.max_windows"),
+    ("windows-kind", [*EVAL, "task.windows=sliding"], {}, 2, r"task\.windows"),
+    ("prefill-zero", [*EVAL, *H2O, "task=consistency", "task.prefill=0"], {}, 2, r"task\.prefill=0"),
+    ("consistency-ratio", [*EVAL, "task=consistency", "policy=h2o", "policy.ratio_of=length", "policy.heavy=0.1",
+                           "policy.recent=0.1"], {}, 2, r"ratio_of=length"),
+    ("consistency-chunk", [*EVAL, *H2O, "task=consistency", "task.chunk=0"], {}, 2, r"task\.chunk"),
+    ("memory", [*EVAL, *H2O, "task=consistency", "task.seq_len=100000", "task.prefill=10"], {}, 2,
+     r"task\.seq_len=100000: the parallel form would need about \d+.*GiB"),
+    ("passkey-depth", [*EVAL, "task=passkey", "task.context_lengths=[256]", "task.depths=[0,1.5]"], {}, 2, r"task\.depths"),
+    ("passkey-trials", [*EVAL, "task=passkey", "task.context_lengths=[256]", "task.trials=0"], {}, 2, r"task\.trials"),
+    ("generate-tokens", [*EVAL, "task=generate", "task.max_new_tokens=0"], {}, 2, r"task\.max_new_tokens"),
+    ("bench-full", [*EVAL, "task=bench", "task.context_lengths=[64]", "policy=full"], {}, 2, r"compares the full cache"),
+    ("harness-typo", [*EVAL, "task=harness", "task.names=[hellaswagg]"], {}, 2, r"hellaswagg.*did you mean"),
+    ("missing-data-file", [*EVAL, "task=xsum", "task.data_path={tmp}/none.jsonl"], {}, 2, r"none\.jsonl is not a file"),
+    ("empty-records", [*EVAL, "task=xsum", "task.data_path={tmp}/empty.jsonl"], {"empty.jsonl": ""}, 2,
+     r"empty\.jsonl holds no records"),
+    ("missing-field", [*EVAL, "task=xsum", "task.data_path={tmp}/field.jsonl"], {"field.jsonl": '{"article": "x"}\n'}, 2,
+     r"field\.jsonl line 1 has no field 'summary_gt'"),
+    ("corrupt-jsonl", [*EVAL, "task=xsum", "task.data_path={tmp}/corrupt.jsonl"],
+     {"corrupt.jsonl": '{"article": "a", "summary_gt": "b"}\n{not json\n'}, 2, r"corrupt\.jsonl line 2 is not JSON"),
+    ("empty-text", [*EVAL, "data.local.files.test={tmp}/empty.txt"], {"empty.txt": "\n"}, 2, r"empty\.txt is empty"),
+    ("binary-text", [*EVAL, "data.local.files.test={tmp}/binary.txt"], {"binary.txt": b"\xff\xfe\x00bad"}, 2,
+     r"binary\.txt is not UTF-8"),
+    ("no-checkpoint", [*EVAL, "policy=sink", "checkpoint={tmp}/nowhere"], {}, 2, r"checkpoint=.*nowhere.*no manifest\.json"),
+    ("corrupt-manifest", [*EVAL, "policy=sink", "checkpoint={tmp}/ckpt"], {"ckpt/manifest.json": "{oops"}, 2,
+     r"manifest\.json is not valid JSON"),
+    ("checkpoint-budget", [*EVAL, "checkpoint_budget=nearest"], {}, 2, r"checkpoint_budget"),
+    ("unwritable-output", [*EVAL, "hydra.run.dir=/proc/less/run"], {}, 2, r"hydra\.run\.dir=/proc/less/run: cannot create"),
+    ("output-is-a-file", [*EVAL, "hydra.run.dir={tmp}/afile/run"], {"afile": "x"}, 2, r"cannot create folders in .*afile"),
+    ("training-mode", [*TRAIN, "training.mode=qat"], {}, 2, r"training\.mode"),
+    ("training-epochs", [*TRAIN, "training.epochs=0"], {}, 2, r"training\.epochs"),
+    ("training-val-fraction", [*TRAIN, "training.val_fraction=0"], {}, 2, r"val_fraction"),
+    ("training-record-dtype", [*TRAIN, "training.record_dtype=int8"], {}, 2, r"record_dtype"),
+    ("training-no-state", [*TRAIN, "feature_map=none"], {}, 2, r"feature_map"),
+    ("training-short", [*TRAIN, "training.seq_len=8"], {}, 2, r"not smaller than the sequence"),
+    ("training-layers", [*TRAIN, "training.from_layer=1", "training.to_layer=1"], {}, 2, r"from_layer"),
+    ("report-missing", ["less-report", "{tmp}/nothing"], {}, 2, r"nothing does not exist"),
+    ("report-empty", ["less-report", "{tmp}/emptydir"], {"emptydir/.keep": ""}, 2, r"no readable results\.json"),
+    ("report-corrupt", ["less-report", "{tmp}/runs"], {"runs/a/results.json": "{broken"}, 2, r"no readable results\.json"),
+    ("report-logger", ["less-report", "{tmp}", "--logger", "nope"], {}, 2, r"--logger: invalid choice"),
+]
+
+
+def _run(case, root: Path):
+    name, command, files, _, _ = case
+    tmp = root / name
+    tmp.mkdir(parents=True)
+    for rel, content in files.items():
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    argv = [str(BIN / command[0]), *(arg.replace("{tmp}", str(tmp)) for arg in command[1:])]
+    env = {**os.environ, "LESS_OUTPUT_DIR": str(tmp / "outputs"), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("LESS_DEBUG", None)
+    began = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, cwd=tmp)
+    return done, time.perf_counter() - began, tmp
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_inputs")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip((c[0] for c in CASES), pool.map(lambda c: _run(c, root), CASES)))
+
+
+def test_there_are_at_least_forty_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(outcomes, case):
+    import re
+
+    name, command, _, code, pattern = case
+    done, seconds, tmp = outcomes[name]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert done.returncode == code, done.stderr[-1500:]
+    assert "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert errors and re.search(pattern, errors[-1]), done.stderr[-1500:]
+    assert len(errors[-1]) < 400
+    assert seconds < 20
+    for path in tmp.rglob("results.json"):
+        record = json.loads(path.read_text()) if path.read_text().strip().startswith("{\n") else {}
+        assert record.get("status") != "ok", f"{path} would read as a good result"
