@@ -37,6 +37,8 @@ CASES = [
     ("baseline-plus-not-bool", [*EVAL, *H2O, "feature_map=less_mlp", "policy.baseline_plus=maybe"], {}, 2, r"baseline_plus='maybe' must be true or false"),
     ("gating-option", [*EVAL, "gating=decay"], {}, 2, r"Could not find 'gating/decay'"),
     ("zero-features", [*EVAL, *H2O, "feature_map=less_mlp", "feature_map.features=0"], {}, 2, r"features=0"),
+    ("features-not-int", [*EVAL, *H2O, "feature_map=less_mlp", "feature_map.features=eight"], {}, 2,
+     r"feature_map=less_mlp: features='eight' must be an integer"),
     ("dropout-range", [*EVAL, *H2O, "feature_map=less_mlp", "feature_map.dropout=1.5"], {}, 2, r"dropout=1\.5"),
     ("dtype", [*EVAL, "model.dtype=float64"], {}, 2, r"model\.dtype='float64'"),
     ("no-cuda", [*EVAL, "device=cuda"], {}, 2, r"CUDA is not available.*device=cpu"),

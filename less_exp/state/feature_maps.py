@@ -69,6 +69,10 @@ class LessMLP(FeatureMap):
         per_head: bool = True,
     ):
         super().__init__()
+        _require(features=features, hidden=hidden, kind=int)
+        _require(key_scale_init=key_scale_init, dropout=dropout, kind=(int, float))
+        if not isinstance(per_head, bool):
+            raise ValueError(f"per_head={per_head!r} must be true or false")
         if features < 1 or hidden < 1:
             raise ValueError(f"features={features} and hidden={hidden} must be >= 1")
         if key_scale_init <= 0 or not 0 <= dropout < 1:
@@ -90,11 +94,21 @@ class LessMLP(FeatureMap):
         return {**super().settings(), "hidden": self.hidden, "per_head": self.per_head}
 
 
+def _require(kind, **values) -> None:
+    """Each value must be of ``kind`` (bools excluded): a config typo fails with its name, not a TypeError."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
+
+
 class Elu1(FeatureMap):
     """``elu(x) + 1`` (Katharopoulos et al., 2020), D' = d, no parameters but the key scale."""
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, key_scale_init: float = 1e-4):
         super().__init__()
+        _require(key_scale_init=key_scale_init, kind=(int, float))
+        if key_scale_init <= 0:
+            raise ValueError(f"key_scale_init={key_scale_init} must be > 0")
         self.num_features = head_dim
         self.log_key_scale = nn.Parameter(torch.full((num_kv_heads, 1, 1), math.log(key_scale_init)))
 
