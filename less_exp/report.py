@@ -478,6 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoResultsError as err:
         print(f"less-report: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if os.environ.get("LESS_DEBUG") == "1":
+            raise
+        where = err.filename or args.out
+        print(f"less-report: error: cannot write the report to {where} ({err.strerror}); choose a writable --out",
+              file=sys.stderr)
+        return 2
     print(report.markdown)
     print(
         f"report: {report.out_dir / 'report.md'} (plots: {len(report.plots)}, passkey heatmaps: {len(report.heatmaps)}, "

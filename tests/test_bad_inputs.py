@@ -84,6 +84,11 @@ CASES = [
     ("report-missing", ["less-report", "{tmp}/nothing"], {}, 2, r"nothing does not exist"),
     ("report-empty", ["less-report", "{tmp}/emptydir"], {"emptydir/.keep": ""}, 2, r"no readable results\.json"),
     ("report-corrupt", ["less-report", "{tmp}/runs"], {"runs/a/results.json": "{broken"}, 2, r"no readable results\.json"),
+    ("report-unwritable-out", ["less-report", "{tmp}/runs", "--out", "/proc/less/report"],
+     {"runs/a/results.json": json.dumps({"job": "eval", "status": "ok", "metrics": {"perplexity": 3.0},
+                                         "config": {"model": {"name": "m"}, "task": {"name": "perplexity"},
+                                                    "policy": {"name": "full"}}})}, 2,
+     r"cannot write the report to /proc/less"),
     ("report-logger", ["less-report", "{tmp}", "--logger", "nope"], {}, 2, r"--logger: invalid choice"),
 ]
 
