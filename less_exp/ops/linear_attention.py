@@ -11,9 +11,18 @@ gets a column of ones), so numerator and denominator come out of the same produc
 ``value [B, Hkv, T, d]`` (the stream) and an optional initial state, and returns
 ``(num [B, Hkv, G, T, d], den [B, Hkv, G, T], final state)`` in float32. ``ops.naive`` holds the
 reference they are tested against.
+
+Gates (optional ``g``): a log-decay per step, ``[B, Hkv, T]`` (one per head, RetNet / simple-GLA
+style) or ``[B, Hkv, T, D']`` (one per feature, GLA style), all <= 0. The state then decays before
+each entry is added, ``S_t = exp(g_t) S_{t-1} + psi_t v_t^T``, so entry ``s`` reaches step ``t`` with
+weight ``exp(G_t - G_s)``, ``G`` the cumulative sum of ``g``. Every exponent formed is such a
+difference over a causal pair, hence <= 0: nothing overflows, masked pairs are set to -inf before
+the exponential (no NaN gradients).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +48,43 @@ def gather_stream(x: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx) * (evicted >= 0)[..., None].to(x.dtype)
 
 
-def parallel_linear_attention(phi, psi, value, initial=None):
+def _log_gates(g, psi):
+    """``g`` as ``[B, Hkv, T, 1 or D']`` float32, or None."""
+    if g is None:
+        return None
+    g = g.float()
+    return g[..., None] if g.dim() == psi.dim() - 1 else g
+
+
+def _gated_block(phi, psi, ve, g, state):
+    """One block of steps with log-gates ``g [B, Hkv, C, 1 or D']`` from ``state``: (out, state after).
+
+    ``b`` is the cumulative log-gate inside the block; the causal kernel carries ``exp(b_i - b_j)``
+    (per feature for vector gates), the carried state reaches step ``i`` with ``exp(b_i)``.
+    """
+    C = psi.shape[2]
+    b = g.cumsum(2)
+    causal = torch.ones(C, C, dtype=torch.bool, device=psi.device).tril()
+    if g.shape[-1] == 1:
+        diff = (b[:, :, :, None, 0] - b[:, :, None, :, 0]).masked_fill(~causal, -math.inf)
+        kernel = torch.matmul(phi, psi[:, :, None].transpose(-1, -2)) * diff.exp()[:, :, None]
+    else:
+        diff = (b[:, :, :, None, :] - b[:, :, None, :, :]).masked_fill(~causal[..., None], -math.inf)
+        kernel = torch.einsum("bhgif,bhjf,bhijf->bhgij", phi, psi, diff.exp())
+    carried = torch.matmul(phi * b.exp()[:, :, None], state[:, :, None])
+    out = torch.matmul(kernel, ve[:, :, None]) + carried
+    last = b[:, :, -1:]
+    state = (last[:, :, 0, :, None]).exp() * state + torch.matmul((psi * (last - b).exp()).transpose(-1, -2), ve)
+    return out, state
+
+
+def parallel_linear_attention(phi, psi, value, initial=None, g=None):
     """Quadratic form: a lower-triangular (inclusive) kernel ``phi psi^T``. O(T^2) memory."""
+    g = _log_gates(g, psi)
+    if g is not None:
+        state = empty_state(psi, value) if initial is None else initial
+        out, final = _gated_block(phi.float(), psi.float(), with_ones(value), g, state)
+        return (*_split(out), final)
     T = psi.shape[2]
     ve = with_ones(value)
     state = empty_state(psi, value) if initial is None else initial
@@ -52,12 +96,24 @@ def parallel_linear_attention(phi, psi, value, initial=None):
     return (*_split(out), final)
 
 
-def chunk_linear_attention(phi, psi, value, initial=None, chunk_size: int = 64):
+def chunk_linear_attention(phi, psi, value, initial=None, chunk_size: int = 64, g=None):
     """Chunked form: exact inside chunks of ``chunk_size`` steps, a carried state across them.
 
-    The states at the chunk starts come from one exclusive cumulative sum of per-chunk updates, so
-    memory is O(T C + (T / C) D' d) per head instead of O(T^2); no Python loop over chunks.
+    Ungated, the states at the chunk starts come from one exclusive cumulative sum of per-chunk
+    updates (no Python loop over chunks); gated, the state is carried chunk by chunk. Either way
+    memory is O(T C + (T / C) D' d) per head instead of O(T^2) (O(T C D') for vector gates).
     """
+    g = _log_gates(g, psi)
+    if g is not None:
+        C = max(1, int(chunk_size))
+        state = empty_state(psi, value) if initial is None else initial
+        phi, psi, ve, outs = phi.float(), psi.float(), with_ones(value), []
+        for start in range(0, psi.shape[2], C):
+            stop = start + C
+            out, state = _gated_block(phi[:, :, :, start:stop], psi[:, :, start:stop], ve[:, :, start:stop],
+                                      g[:, :, start:stop], state)
+            outs.append(out)
+        return (*_split(torch.cat(outs, dim=3)), state)
     B, Hkv, T, D = psi.shape
     G = phi.shape[2]
     C = max(1, min(int(chunk_size), T))
@@ -78,19 +134,22 @@ def chunk_linear_attention(phi, psi, value, initial=None, chunk_size: int = 64):
     return (*_split(out), state + totals[:, :, -1])
 
 
-def recurrent_linear_attention(phi, psi, value, initial=None):
-    """Step by step, as decoding runs it: fold entry ``t`` into the state, then read it."""
+def recurrent_linear_attention(phi, psi, value, initial=None, g=None):
+    """Step by step, as decoding runs it: decay the state, fold entry ``t`` into it, then read it."""
     ve = with_ones(value)
+    g = _log_gates(g, psi)
     state = empty_state(psi, value) if initial is None else initial
     outs = []
     for t in range(psi.shape[2]):
+        if g is not None:
+            state = g[:, :, t, :, None].exp() * state
         state = state + psi[:, :, t, :, None].float() * ve[:, :, t, None, :]
         outs.append(torch.matmul(phi[:, :, :, t : t + 1].float(), state[:, :, None]))
     return (*_split(torch.cat(outs, dim=3)), state)
 
 
-def linear_attention(phi, psi, value, initial=None, chunk_size: int = 64):
+def linear_attention(phi, psi, value, initial=None, chunk_size: int = 64, g=None):
     """The form to use: one recurrent step for a single entry, the chunked form otherwise."""
     if psi.shape[2] == 1:
-        return recurrent_linear_attention(phi, psi, value, initial)
-    return chunk_linear_attention(phi, psi, value, initial, chunk_size)
+        return recurrent_linear_attention(phi, psi, value, initial, g)
+    return chunk_linear_attention(phi, psi, value, initial, chunk_size, g)

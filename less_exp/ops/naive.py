@@ -10,8 +10,9 @@ import torch
 
 
 @torch.no_grad()
-def naive_linear_attention(phi, psi, value, initial=None):
-    """``num_t = phi_t^T (H_0 + sum_{j <= t} psi_j v_j^T)``, ``den_t = phi_t^T (z_0 + sum_{j <= t} psi_j)``."""
+def naive_linear_attention(phi, psi, value, initial=None, g=None):
+    """``num_t = phi_t^T H_t``, ``den_t = phi_t^T z_t`` with ``H_t = a_t * H_{t-1} + psi_t v_t^T`` and
+    ``z_t = a_t * z_{t-1} + psi_t``, ``a_t = exp(g_t)`` (1 without gates; per head or per feature)."""
     B, Hkv, G, T, D = phi.shape
     d = value.shape[-1]
     H = torch.zeros(B, Hkv, D, d, dtype=torch.float64) if initial is None else initial[..., :d].double().clone()
@@ -21,11 +22,15 @@ def naive_linear_attention(phi, psi, value, initial=None):
     for b in range(B):
         for h in range(Hkv):
             for t in range(T):
+                if g is not None:
+                    a = g[b, h, t].double().exp() * torch.ones(D, dtype=torch.float64)
+                    H[b, h] *= a[:, None]
+                    z[b, h] *= a
                 H[b, h] += torch.outer(psi[b, h, t].double(), value[b, h, t].double())
                 z[b, h] += psi[b, h, t].double()
-                for g in range(G):
-                    num[b, h, g, t] = phi[b, h, g, t].double() @ H[b, h]
-                    den[b, h, g, t] = phi[b, h, g, t].double() @ z[b, h]
+                for q in range(G):
+                    num[b, h, q, t] = phi[b, h, q, t].double() @ H[b, h]
+                    den[b, h, q, t] = phi[b, h, q, t].double() @ z[b, h]
     return num, den, torch.cat([H, z[..., None]], -1)
 
 
