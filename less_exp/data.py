@@ -56,7 +56,7 @@ def load_text(data_cfg: DictConfig, split: str) -> str:
     path = local_file(data_cfg, split)
     if path is not None and path.is_file():
         if path.suffix == ".jsonl":
-            return join.join(_field(row, field, path, n) for n, row in _jsonl(path))
+            return join.join(_field(row, field, path, n) for n, row in _rows_of_split(data_cfg, split, _jsonl(path)))
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
@@ -78,7 +78,7 @@ def load_records(data_cfg: DictConfig, split: str) -> list[dict]:
     if not fields:
         raise ConfigError(f"data={data_cfg.name} has no input/target fields; it is a text set, use load_text")
     records = []
-    rows = _jsonl(path) if on_disk else enumerate(_hub_rows(data_cfg, split), 1)
+    rows = _rows_of_split(data_cfg, split, _jsonl(path)) if on_disk else enumerate(_hub_rows(data_cfg, split), 1)
     for n, row in rows:
         record = dict(row)
         text = _field(row, fields.input, path, n)
@@ -88,6 +88,17 @@ def load_records(data_cfg: DictConfig, split: str) -> list[dict]:
     if not records:
         raise ConfigError(f"data={data_cfg.name} split={split}: {path or 'the hub split'} holds no records")
     return records
+
+
+def _rows_of_split(data_cfg: DictConfig, split: str, rows: list) -> list:
+    """The split's documents when one local file holds several splits (``local.rows.<split>: [start, stop)``)."""
+    bounds = ((data_cfg.get("local") or {}).get("rows") or {}).get(split)
+    if bounds is None:
+        return rows
+    start, stop = (int(x) for x in bounds)
+    if not 0 <= start < stop <= len(rows):
+        raise ConfigError(f"data.local.rows.{split}=[{start}, {stop}) does not fit the {len(rows)} documents of the file")
+    return rows[start:stop]
 
 
 def _field(row, name: str, path: Path | None, line: int) -> str:

@@ -70,3 +70,21 @@ def test_token_windows_reject_too_short_text():
         data.token_windows(byte_tokenizer(), "short", seq_len=16)
     with pytest.raises(ConfigError, match="seq_len"):
         data.token_windows(byte_tokenizer(), "short", seq_len=1)
+
+
+def test_c4_splits_are_disjoint_documents_of_the_offline_sample(compose_config):
+    """Training never sees the held-out C4 text: the three splits are stated document ranges."""
+    import json
+
+    cfg = compose_config("eval", ["data=c4"]).data
+    docs = [json.loads(line)["text"] for line in data.local_file(cfg, "train").read_text().splitlines() if line.strip()]
+    texts = {split: data.load_text(cfg, split) for split in ("train", "validation", "test")}
+    assert texts["train"] == "\n\n".join(docs[:240]) and texts["test"] == "\n\n".join(docs[270:300])
+    assert texts["validation"] == "\n\n".join(docs[240:270])
+    assert docs[250] not in texts["train"] and docs[280] not in texts["validation"]
+
+
+def test_rows_that_do_not_fit_the_file_are_refused(compose_config):
+    cfg = compose_config("eval", ["data=c4", "data.local.rows.test=[250,400]"]).data
+    with pytest.raises(ConfigError, match=r"data.local.rows.test=\[250, 400\) does not fit the 300 documents"):
+        data.load_text(cfg, "test")
