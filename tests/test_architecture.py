@@ -95,12 +95,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from less_exp.adapter import LessCache, build, cache_kwargs
 from less_exp.policies import H2O
 from less_exp.state import JointNormalizer, LessMLP, LessStates
+torch.manual_seed(0)
 config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 model = LlamaForCausalLM(config).eval()
 states = LessStates.build(lambda: LessMLP(8, 4, 2, hidden=16, features=4, dropout=0.0), JointNormalizer, 2, 8)
 build(model, H2O(heavy=4, recent=4), states)
-out = model.generate(torch.arange(20)[None], max_new_tokens=5, do_sample=False, **cache_kwargs(LessCache(model)))
+out = model.generate(torch.arange(20)[None], max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                     **cache_kwargs(LessCache(model)))
 assert out.shape == (1, 25)
 print("ok")
 """
