@@ -37,7 +37,7 @@ def _stream(B=2, Hkv=2, G=3, T=21, D=5, d=4, seed=0, holes=True):
 FORMS = {
     "parallel": parallel_linear_attention,
     "recurrent": recurrent_linear_attention,
-    **{f"chunk{c}": (lambda c: lambda *a: chunk_linear_attention(*a, chunk_size=c))(c) for c in (1, 7, 64, 21)},
+    **{f"chunk{c}": (lambda c: lambda *a, g=None: chunk_linear_attention(*a, chunk_size=c, g=g))(c) for c in (1, 7, 64, 21)},
     "dispatch": linear_attention,
 }
 
@@ -215,21 +215,14 @@ def _gates(kind, B=2, Hkv=2, T=21, D=5, seed=3, strength=1.0):
     return torch.nn.functional.logsigmoid(torch.randn(shape, generator=gen) * 2 + 1) * strength
 
 
-GATED_FORMS = {
-    "parallel": lambda *a, g: parallel_linear_attention(*a, g=g),
-    "recurrent": lambda *a, g: recurrent_linear_attention(*a, g=g),
-    **{f"chunk{c}": (lambda c: lambda *a, g: chunk_linear_attention(*a, chunk_size=c, g=g))(c) for c in (1, 7, 64, 21)},
-}
-
-
 @pytest.mark.parametrize("kind", ["scalar", "vector"])
-@pytest.mark.parametrize("form", list(GATED_FORMS))
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("with_initial", [False, True])
 def test_gated_forms_match_naive(kind, form, with_initial):
     phi, psi, v, initial = _stream()
     g = _gates(kind)
     initial = initial if with_initial else None
-    num, den, final = GATED_FORMS[form](phi, psi, v, initial, g=g)
+    num, den, final = FORMS[form](phi, psi, v, initial, g=g)
     ref_num, ref_den, ref_final = naive_linear_attention(phi, psi, v, initial, g=g)
     torch.testing.assert_close(num.double(), ref_num, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(den.double(), ref_den, atol=1e-5, rtol=1e-5)

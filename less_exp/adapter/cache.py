@@ -102,14 +102,15 @@ class LessCacheLayer(CacheLayerMixin):
         self.decoding = True
 
     def _compact(self, keys, values, present, logical, scores) -> None:
-        """Store the present tokens in ``capacity + 1`` slots (the last one is the landing slot)."""
+        """Store the present tokens in logical order in ``capacity + 1`` slots (the last one is the
+        landing slot), as :meth:`EvictionPolicy.schedule` expects them."""
         if self.budget.capacity is None:
             self.keys, self.values, self.present, self.logical, self.scores = keys, values, present, logical, scores
             return
         B, Hkv, S, d = keys.shape
         slots = self.budget.capacity + 1
         kept = min(S, self.budget.capacity)
-        order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices[..., :kept]
+        order = logical.masked_fill(~present, torch.iinfo(logical.dtype).max).argsort(dim=-1, stable=True)[..., :kept]
         gather = order[..., None].expand(-1, -1, -1, d)
         self.keys = keys.new_zeros(B, Hkv, slots, d)
         self.values = values.new_zeros(B, Hkv, slots, d)
@@ -173,8 +174,8 @@ class LessCacheLayer(CacheLayerMixin):
         """Several new tokens at once (chunked prefill, a new turn), or any step of the full cache: the
         step rule token by token over slots + chunk, exactly as if they had come one at a time."""
         B, Hkv, c, d = key.shape
-        if self.budget.capacity is not None:
-            self._sort_slots()
+        if self.budget.capacity is not None:  # decoding leaves the slots unordered
+            self._compact(self.keys, self.values, self.present, self.logical, self.scores)
         keys = torch.cat([self.keys, key], dim=-2)
         values = torch.cat([self.values, value], dim=-2)
         logits = attention_logits(query, keys, scaling)
@@ -188,13 +189,6 @@ class LessCacheLayer(CacheLayerMixin):
         self._compact(keys, values, sched.present, sched.logical, sched.scores)
         self.count = sched.count
         return out.reshape(B, -1, c, d)
-
-    def _sort_slots(self) -> None:
-        """Put the present slots in logical order (decoding leaves them unordered), as ``schedule`` expects."""
-        order = self.logical.masked_fill(~self.present, torch.iinfo(self.logical.dtype).max).argsort(-1)
-        rows = order[..., None].expand_as(self.keys)
-        self.keys, self.values = self.keys.gather(2, rows), self.values.gather(2, rows)
-        self.present, self.logical, self.scores = (x.gather(2, order) for x in (self.present, self.logical, self.scores))
 
     # -- accounting ---------------------------------------------------------------------------
     def nbytes(self) -> dict:

@@ -10,14 +10,13 @@ from less_exp.ops.linear_attention import (
     recurrent_linear_attention,
 )
 from less_exp.ops.normalize import joint_normalize
-from less_exp.ops.sparse import attention_logits, kept_probabilities, sparse_attention
+from less_exp.ops.sparse import attention_logits, sparse_attention
 
 __all__ = [
     "attention_logits",
     "chunk_linear_attention",
     "gather_stream",
     "joint_normalize",
-    "kept_probabilities",
     "linear_attention",
     "parallel_linear_attention",
     "recurrent_linear_attention",

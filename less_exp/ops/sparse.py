@@ -19,20 +19,10 @@ def attention_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> 
     return torch.matmul(q, key.float()[:, :, None].transpose(-1, -2)) * scaling
 
 
-def kept_log_sum_exp(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(masked logits, lse)``: ``keep`` ``[B, Hkv, q, k]`` broadcasts over the query groups."""
-    masked = logits.masked_fill(~keep[:, :, None], -math.inf)
-    return masked, masked.logsumexp(-1)
-
-
-def kept_probabilities(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Attention weights ``[B, Hkv, G, q, k]`` over the kept keys: what H2O and TOVA accumulate."""
-    masked, lse = kept_log_sum_exp(logits, keep)
-    return (masked - lse[..., None]).exp()
-
-
 def sparse_attention(logits: torch.Tensor, keep: torch.Tensor, value: torch.Tensor):
-    """``(o_sparse [B, Hkv, G, q, d], lse [B, Hkv, G, q], probs [B, Hkv, G, q, k])``, all float32."""
-    masked, lse = kept_log_sum_exp(logits, keep)
+    """``(o_sparse [B, Hkv, G, q, d], lse [B, Hkv, G, q], probs [B, Hkv, G, q, k])``, all float32;
+    ``keep`` ``[B, Hkv, q, k]`` broadcasts over the query groups. ``probs`` is what H2O and TOVA accumulate."""
+    masked = logits.masked_fill(~keep[:, :, None], -math.inf)
+    lse = masked.logsumexp(-1)
     probs = (masked - lse[..., None]).exp()
     return torch.matmul(probs, value.float()[:, :, None]), lse, probs
