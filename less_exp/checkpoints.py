@@ -39,9 +39,9 @@ from less_exp.errors import ConfigError, NonFiniteError
 MANIFEST = "manifest.json"
 FORMAT = "less-exp/states-v2"
 FINGERPRINT = "fingerprint"
-IDENTITY = ("format", "model", "policy", "budget", "feature_map", "normalizer", "settings", "training",
+IDENTITY = ("format", "model", "policy", "budget", "feature_map", "normalizer", "reweighting", "settings", "training",
             "state_token_equivalents")
-COMPONENTS = ("policy", "feature_map", "normalizer")
+COMPONENTS = ("policy", "feature_map", "normalizer", "reweighting")
 MODEL_DERIVED = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "config_hash", "weights_hash")
 VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache",
                    "output_attentions", "output_hidden_states", "return_dict"}
@@ -141,7 +141,7 @@ def header(cfg: DictConfig, model: torch.nn.Module, states, budget) -> dict:
     """The fingerprint of a training job: model identity, policy and budget, feature map, normaliser, mode."""
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     policy.pop("baseline_plus", None)
-    return {
+    head = {
         "format": FORMAT,
         "model": {"name": cfg.model.name, "source": cfg.model.source, "id": _model_id(cfg.model), **model_identity(model)},
         "policy": policy,
@@ -152,6 +152,9 @@ def header(cfg: DictConfig, model: torch.nn.Module, states, budget) -> dict:
         "training": {"mode": cfg.training.mode},
         "state_token_equivalents": states.token_equivalents(),
     }
+    if cfg.reweighting.get("name", "none") != "none":  # absent otherwise, as in checkpoints from before re-weighting
+        head["reweighting"] = OmegaConf.to_container(cfg.reweighting, resolve=True)
+    return head
 
 
 def fingerprint(head: dict) -> dict:
@@ -391,6 +394,11 @@ def check(cfg: DictConfig) -> dict:
             f"checkpoint={root} holds feature_map={manifest['feature_map']['name']}, but this run sets feature_map={own}; "
             "leave feature_map unset to take the checkpoint's"
         )
+    for group, default in (("normalizer", "joint"), ("reweighting", "none")):
+        own, trained = cfg[group].get("name", default), manifest.get(group, {"name": "none"})["name"]
+        if own not in (default, trained):
+            raise ConfigError(f"checkpoint={root} holds {group}={trained}, but this run sets {group}={own}; "
+                              f"leave {group} unset to take the checkpoint's")
     _check_layers(Path(root), manifest)
     return manifest
 
@@ -414,10 +422,12 @@ def _check_layers(root: Path, manifest: dict) -> None:
             )
 
 
-def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig, DictConfig]:
-    """The feature map to build (the run's when it names one, else the checkpoint's) and the checkpoint's normaliser."""
+def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig, DictConfig, DictConfig]:
+    """The feature map to build (the run's when it names one, else the checkpoint's) and the checkpoint's
+    normaliser and re-weighting."""
     feature_map = cfg.feature_map if cfg.feature_map.get("name", "none") != "none" else OmegaConf.create(manifest["feature_map"])
-    return feature_map, OmegaConf.create(manifest["normalizer"])
+    reweighting = OmegaConf.create(manifest.get("reweighting", {"name": "none"}))
+    return feature_map, OmegaConf.create(manifest["normalizer"]), reweighting
 
 
 def load_into(states, root: str | Path, manifest: dict | None = None, model: torch.nn.Module | None = None) -> None:

@@ -17,8 +17,12 @@ from less_exp.models import load_model
 JOB = "eval"
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Validate, load the model, apply compression, run ``cfg.task``; write and return its metrics."""
+def evaluate(cfg: DictConfig, extra: dict | None = None, model_and_tokenizer=None) -> dict:
+    """Validate, load the model, apply compression, run ``cfg.task``; write and return its metrics.
+
+    ``extra`` metrics are recorded beside the task's (a train job adds its training time);
+    ``model_and_tokenizer`` reuses an already loaded, unmodified model.
+    """
     task = tasks.get(cfg.task.get("module") or cfg.task.name)
     runtime.validate(cfg)
     factory.validate(cfg)
@@ -28,7 +32,7 @@ def evaluate(cfg: DictConfig) -> dict:
     runtime.seed_everything(cfg.seed)
     device = runtime.resolve_device(cfg.device)
     with runtime.Job(cfg, JOB) as job:
-        model, tokenizer = load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
+        model, tokenizer = model_and_tokenizer or load_model(cfg.model, device, cache_dir=cfg.paths.cache_dir)
         model = factory.apply(model, cfg)
         batch = cfg.task.get("batch_size")
         batch = (batch if isinstance(batch, int) else 1) * (2 if cfg.task.get("pad") else 1)
@@ -39,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict:
         except NonFiniteError as err:
             job.fail(err)
             raise
-        for key, value in factory.summary(model, cfg, metrics.get("budget_length")).items():
+        for key, value in {**factory.summary(model, cfg, metrics.get("budget_length")), **(extra or {})}.items():
             metrics.setdefault(key, value)
         results = job.finish(metrics)
     print(f"{cfg.task.name}: " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))

@@ -17,7 +17,7 @@ from less_exp import checkpoints
 from less_exp.adapter import attention_modules, build, compression_of
 from less_exp.errors import ConfigError
 from less_exp.policies import EvictionPolicy, Full
-from less_exp.state import LessStates
+from less_exp.state import LessState, LessStates
 
 
 def instantiate_component(node: DictConfig, **kwargs):
@@ -33,21 +33,30 @@ def validate(cfg: DictConfig) -> None:
         policy = instantiate_component(cfg.policy)
     except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
         raise ConfigError(f"policy={cfg.policy.get('name')}: {_root_cause(err)}") from err
-    for group in ("gating", "reweighting"):
-        if cfg[group].get("name", "none") != "none":
-            raise ConfigError(f"{group}={cfg[group].name} is not implemented yet; use {group}=none")
+    if cfg.gating.get("name", "none") != "none":
+        raise ConfigError(f"gating={cfg.gating.name} is not implemented yet; use gating=none")
     if cfg.get("checkpoint_budget", "trained") not in checkpoints.BUDGET_MATCH:
         raise ConfigError(f"checkpoint_budget={cfg.checkpoint_budget!r} is not one of {checkpoints.BUDGET_MATCH}")
     has_state = cfg.feature_map.get("name", "none") != "none"
     if policy.baseline_plus and not has_state:
         raise ConfigError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
+    if not has_state and not cfg.get("checkpoint"):
+        for group, default in (("reweighting", "none"), ("normalizer", "joint")):
+            if cfg[group].get("name", default) != default:
+                raise ConfigError(f"{group}={cfg[group].name} shapes a LESS state, but feature_map=none has none; "
+                                  f"pick a feature_map or drop {group}=")
     if has_state:
-        try:
-            instantiate_component(cfg.feature_map, head_dim=8, num_heads=1, num_kv_heads=1)
-            instantiate_component(cfg.normalizer)
-        except Exception as err:
-            raise ConfigError(f"feature_map={cfg.feature_map.name}: {_root_cause(err)}") from err
+        state = _config_state(cfg)
+        if state is not None:
+            print(f"state: {describe_state(state, model_shape(cfg.model))}", flush=True)
     length = cfg.get("task", {}) and cfg.task.get("seq_len")
+    rw = cfg.reweighting
+    if rw.get("name", "none") == "cosformer":
+        for setting in ("task", "training"):
+            longest = (cfg.get(setting) or {}).get("seq_len")
+            if longest and int(longest) > int(rw.horizon):
+                raise ConfigError(f"reweighting.horizon={rw.horizon} is shorter than {setting}.seq_len={longest}: every "
+                                  "position past the horizon gets the same proportion; raise reweighting.horizon")
     if not length and policy.ratio_of == "length":
         return  # no fixed length: the budget resolves per prompt at prefill
     try:
@@ -58,33 +67,82 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from err
 
 
+def model_shape(model_cfg: DictConfig) -> dict | None:
+    """``{layers, heads, kv_heads, head_dim}`` from the model config without loading it: a tiny model's
+    own config, or the ``shape`` a model file states; None when neither says."""
+    if model_cfg.get("source") == "tiny":
+        c = model_cfg.config
+        heads = int(c.num_attention_heads)
+        return {"layers": int(c.num_hidden_layers), "heads": heads, "kv_heads": int(c.get("num_key_value_heads", heads)),
+                "head_dim": int(c.get("head_dim") or c.hidden_size // heads)}
+    shape = model_cfg.get("shape")
+    return None if shape is None else {k: int(shape[k]) for k in ("layers", "heads", "kv_heads", "head_dim")}
+
+
+def _state_builders(feature_map: DictConfig, normalizer: DictConfig, reweighting: DictConfig, shape: dict):
+    kwargs = dict(head_dim=shape["head_dim"], num_heads=shape["heads"], num_kv_heads=shape["kv_heads"])
+    has_rw = reweighting is not None and reweighting.get("name", "none") != "none"
+    return (lambda: instantiate_component(feature_map, **kwargs),
+            lambda: instantiate_component(normalizer, **kwargs),
+            (lambda: instantiate_component(reweighting, **kwargs)) if has_rw else None)
+
+
+def _config_state(cfg: DictConfig):
+    """One layer's state as configured, at the model's shape when the config states it (else a small
+    stand-in, to check the settings); a bad setting is one ConfigError naming its group."""
+    shape = model_shape(cfg.model) or {"layers": 1, "heads": 2, "kv_heads": 1, "head_dim": 64}
+    fm, norm, rw = _state_builders(cfg.feature_map, cfg.normalizer, cfg.reweighting, shape)
+    parts = []
+    for group, make in (("feature_map", fm), ("normalizer", norm), ("reweighting", rw)):
+        if make is None:
+            parts.append(None)
+            continue
+        try:
+            parts.append(make())
+        except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
+            raise ConfigError(f"{group}={cfg[group].get('name')}: {_root_cause(err)}") from err
+    state = LessState(parts[0], parts[1], shape["head_dim"], parts[2])
+    return state if model_shape(cfg.model) is not None else None
+
+
+def describe_state(state: LessState, shape: dict | None) -> str:
+    """D', parameters and token-equivalents of a state, for a line printed before any model loads."""
+    layers = shape["layers"] if shape else 1
+    rw = f" x {type(state.reweighting).__name__} re-weighting" if state.reweighting is not None else ""
+    return (f"{type(state.feature_map).__name__}{rw}, D'={state.num_features}, {state.num_parameters():,} parameters "
+            f"a layer ({state.num_parameters() * layers:,} for {layers} layers), "
+            f"{state.token_equivalents():.2f} token-equivalents per KV head")
+
+
 def _root_cause(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
     return str(err)
 
 
-def make_states(cfg: DictConfig, model: torch.nn.Module, feature_map=None, normalizer=None) -> LessStates | None:
-    """Instantiate the feature map and normaliser once per layer, or None for ``feature_map=none``.
+def make_states(cfg: DictConfig, model: torch.nn.Module, feature_map=None, normalizer=None,
+                reweighting=None) -> LessStates | None:
+    """Instantiate the feature map, normaliser and re-weighting once per layer, or None for ``feature_map=none``.
 
-    ``feature_map``/``normalizer`` nodes replace ``cfg``'s (a checkpoint supplies its own).
+    ``feature_map``/``normalizer``/``reweighting`` nodes replace ``cfg``'s (a checkpoint supplies its own).
     """
     feature_map = cfg.feature_map if feature_map is None else feature_map
     normalizer = cfg.normalizer if normalizer is None else normalizer
+    reweighting = cfg.reweighting if reweighting is None else reweighting
     if feature_map.get("name", "none") == "none":
         return None
-    for group in ("gating", "reweighting"):
-        if cfg[group].get("name", "none") != "none":
-            raise ValueError(f"{group}={cfg[group].name} is not implemented yet; use {group}=none")
+    if cfg.gating.get("name", "none") != "none":
+        raise ValueError(f"gating={cfg.gating.name} is not implemented yet; use gating=none")
     modules = attention_modules(model)
     config = model.config
-    kwargs = dict(head_dim=modules[0].head_dim, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads)
-    return LessStates.build(
-        lambda: instantiate_component(feature_map, **kwargs),
-        lambda: instantiate_component(normalizer),
-        len(modules),
-        kwargs["head_dim"],
-    )
+    shape = {"layers": len(modules), "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+             "head_dim": modules[0].head_dim}
+    stated = model_shape(cfg.model)
+    if stated is not None and stated != shape:
+        raise ConfigError(f"model.shape={stated} does not match the loaded model={cfg.model.name} ({shape}); "
+                          "correct model.shape in its config file")
+    fm, norm, rw = _state_builders(feature_map, normalizer, reweighting, shape)
+    return LessStates.build(fm, norm, len(modules), shape["head_dim"], rw)
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:

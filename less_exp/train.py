@@ -7,22 +7,31 @@ by hand. ``training.mode`` picks the mode (:mod:`less_exp.training`); the traine
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import time
 
-from less_exp import factory, paths, runtime, training
+import hydra
+from omegaconf import DictConfig, open_dict
+
+from less_exp import factory, paths, runtime, tasks, training
 from less_exp.errors import NonFiniteError
+from less_exp.eval import evaluate
 from less_exp.models import load_model
 
 JOB = "train"
 
 
 def train(cfg: DictConfig) -> dict:
-    """Validate, load the frozen model, run the training mode; write and return its metrics."""
+    """Validate, load the frozen model, run the training mode; write and return its metrics.
+
+    With ``task=`` the trained states are then evaluated on it in the same job (:func:`evaluate_trained`).
+    """
     mode = training.get(cfg.training.mode)
     runtime.validate(cfg)
     factory.validate(cfg)
     mode.validate(cfg)
+    task = tasks.get(cfg.task.get("module") or cfg.task.name) if cfg.get("task") else None
+    if task is not None:
+        task.validate(cfg)
     runtime.seed_everything(cfg.seed)
     device = runtime.resolve_device(cfg.device)
     with runtime.Job(cfg, JOB) as job:
@@ -32,6 +41,7 @@ def train(cfg: DictConfig) -> dict:
         except NonFiniteError as err:
             job.fail(err)
             raise
+        metrics["train_wall_s"] = round(time.perf_counter() - job.started, 1)
         results = job.finish(metrics)
     print(
         f"{cfg.training.mode}: layers done {metrics['layers_done']}/{metrics['num_layers']}, "
@@ -40,7 +50,20 @@ def train(cfg: DictConfig) -> dict:
     )
     print(f"checkpoint: {metrics['checkpoint']}")
     print(f"results: {results}")
+    if task is not None:
+        metrics["evaluation"] = evaluate_trained(cfg, metrics, (model, tokenizer), job.out_dir)
     return metrics
+
+
+def evaluate_trained(cfg: DictConfig, metrics: dict, model_and_tokenizer, out_dir) -> dict:
+    """Run ``cfg.task`` with the states just trained as an eval job in ``<job folder>/eval`` (its own
+    ``results.json``, so ``less-report`` on a training sweep finds the evaluations beside the training)."""
+    eval_cfg = cfg.copy()
+    with open_dict(eval_cfg):
+        eval_cfg.checkpoint = metrics["checkpoint"]
+        eval_cfg.paths.output_dir = str(out_dir / "eval")
+    trained = {key: metrics[key] for key in ("train_s", "train_wall_s", "state_parameters") if key in metrics}
+    return evaluate(eval_cfg, extra=trained, model_and_tokenizer=model_and_tokenizer)
 
 
 @hydra.main(config_path=paths.conf_dir(), config_name="train", version_base="1.3")

@@ -229,6 +229,11 @@ def test_beam_search_reorders_the_whole_cache():
     """Beam scores from the real cache must equal the parallel form's log-probability of each beam."""
     model, _ = tiny("tiny_llama")
     build(model, H2O(heavy=2, recent=2), states_for(model))
+    assert_beams_match_parallel(model)
+
+
+def assert_beams_match_parallel(model):
+    """Beam search through the real cache scores each beam as the parallel form does."""
     prompt = ids(12)
     out = model.generate(prompt, **cache_kwargs(LessCache(model)), num_beams=3, num_return_sequences=3,
                          max_new_tokens=24, min_new_tokens=24, do_sample=False, length_penalty=0.0,

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import utils as generation_utils
 
 from less_exp.adapter.compression import Compression, Prefill, compression_of
-from less_exp.ops import attention_logits, gather_stream, sparse_attention
+from less_exp.ops import attention_logits, gather_stream, sparse_attention, stream_positions
 
 # transformers 5.24 renamed the cache argument of ``forward``/``generate`` from ``past_key_values`` to ``cache``
 CACHE_ARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
@@ -152,8 +152,9 @@ class LessCacheLayer(CacheLayerMixin):
         out, lse, probs = sparse_attention(logits, sees[:, :, None], self.values)
         if self.less is not None:
             ev = torch.where(evict, victim, -1)[..., None]
+            q_pos, s_pos = stream_positions(self.logical, ev, 1)
             out, self.state = self.less.attend(query, gather_stream(self.keys, ev), gather_stream(self.values, ev),
-                                               ev >= 0, out, lse, initial=self.state)
+                                               ev >= 0, out, lse, initial=self.state, query_pos=q_pos, stream_pos=s_pos)
         if self.policy.uses_scores:
             new = self.policy.accumulate(self.scores, probs.sum(2)[:, :, 0])
             self.scores = torch.where(here[..., None], new, self.scores)
@@ -184,8 +185,10 @@ class LessCacheLayer(CacheLayerMixin):
         out, lse, _ = sparse_attention(logits, sched.keep, values)
         if self.less is not None:
             ev = sched.evicted
+            q_pos, s_pos = stream_positions(sched.logical, ev, c)
             out, self.state = self.less.attend(query, gather_stream(keys, ev), gather_stream(values, ev), ev >= 0,
-                                               out, lse, initial=self.state, chunk_size=self.comp.chunk_size)
+                                               out, lse, initial=self.state, chunk_size=self.comp.chunk_size,
+                                               query_pos=q_pos, stream_pos=s_pos)
         self._compact(keys, values, sched.present, sched.logical, sched.scores)
         self.count = sched.count
         return out.reshape(B, -1, c, d)

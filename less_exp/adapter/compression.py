@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from less_exp.ops import attention_logits, gather_stream, sparse_attention
+from less_exp.ops import attention_logits, gather_stream, sparse_attention, stream_positions
 from less_exp.policies import Budget, EvictionPolicy, Schedule
 from less_exp.state import LessStates
 
@@ -78,8 +78,9 @@ class Compression:
         state, final = self.state(layer_idx), None
         if state is not None:
             ev = sched.evicted
+            q_pos, s_pos = stream_positions(sched.logical, ev, S)
             out, final = state.attend(query, gather_stream(key, ev), gather_stream(value, ev), ev >= 0, out, lse,
-                                      chunk_size=self.chunk_size)
+                                      chunk_size=self.chunk_size, query_pos=q_pos, stream_pos=s_pos)
         return out.reshape(B, H, S, d), Prefill(budget, sched, final)
 
     def describe(self, length: int) -> dict:

@@ -8,8 +8,9 @@ from less_exp.ops.linear_attention import (
     linear_attention,
     parallel_linear_attention,
     recurrent_linear_attention,
+    stream_positions,
 )
-from less_exp.ops.normalize import joint_normalize
+from less_exp.ops.normalize import joint_normalize, norm_mix
 from less_exp.ops.sparse import attention_logits, sparse_attention
 
 __all__ = [
@@ -17,8 +18,10 @@ __all__ = [
     "chunk_linear_attention",
     "gather_stream",
     "joint_normalize",
+    "norm_mix",
     "linear_attention",
     "parallel_linear_attention",
     "recurrent_linear_attention",
     "sparse_attention",
+    "stream_positions",
 ]

@@ -48,6 +48,13 @@ def gather_stream(x: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx) * (evicted >= 0)[..., None].to(x.dtype)
 
 
+def stream_positions(logical: torch.Tensor, evicted: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logical positions from a schedule's ``logical [B, Hkv, n]`` (the last ``new`` entries are the
+    incoming tokens): ``(queries [B, new], evicted stream [B, Hkv, T])``, 0 where undefined."""
+    query = logical[:, 0, logical.shape[-1] - new:].clamp_min(0)
+    return query, gather_stream(logical[..., None], evicted)[..., 0].clamp_min(0)
+
+
 def _log_gates(g, psi):
     """``g`` as ``[B, Hkv, T, 1 or D']`` float32, or None."""
     if g is None:

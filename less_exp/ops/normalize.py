@@ -20,3 +20,13 @@ def joint_normalize(o_sparse: torch.Tensor, lse: torch.Tensor, num: torch.Tensor
     log_den = torch.where(has, safe.log(), torch.full_like(den, -math.inf))
     total = torch.logaddexp(lse, log_den)
     return (lse - total).exp()[..., None] * o_sparse + (log_den - total).exp()[..., None] * (num / safe[..., None])
+
+
+def norm_mix(o_sparse: torch.Tensor, num: torch.Tensor, gain: torch.Tensor, mix: torch.Tensor, eps: float) -> torch.Tensor:
+    """``o = o_sparse + mix * gain * num / rms(num)`` in float32: the state's read-out without a denominator.
+
+    ``rms`` is over the head dimension; an empty state (``num == 0``) adds exactly 0.
+    """
+    num = num.float()
+    rms = (num.square().mean(-1, keepdim=True) + eps).rsqrt()
+    return o_sparse.float() + mix.float() * gain.float() * num * rms

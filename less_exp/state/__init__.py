@@ -1,7 +1,9 @@
-"""The LESS state: feature maps, normalisers and the per-layer module that holds them."""
+"""The LESS state: feature maps, re-weightings, normalisers and the per-layer module that holds them."""
 
-from less_exp.state.feature_maps import Elu1, FeatureMap, LessMLP
+from less_exp.state.feature_maps import DiJiang, Elu1, FeatureMap, Hedgehog, LessMLP, Performer, Relu, Taylor
 from less_exp.state.less_state import LessState, LessStates
-from less_exp.state.normalizers import JointNormalizer
+from less_exp.state.normalizers import JointNormalizer, NormNormalizer
+from less_exp.state.reweighting import CosFormer, LeaPformer, Reweighting
 
-__all__ = ["Elu1", "FeatureMap", "JointNormalizer", "LessMLP", "LessState", "LessStates"]
+__all__ = ["CosFormer", "DiJiang", "Elu1", "FeatureMap", "Hedgehog", "JointNormalizer", "LeaPformer", "LessMLP",
+           "LessState", "LessStates", "NormNormalizer", "Performer", "Relu", "Reweighting", "Taylor"]

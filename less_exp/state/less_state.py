@@ -7,33 +7,49 @@ from torch import nn
 
 from less_exp.ops.linear_attention import linear_attention
 from less_exp.state.feature_maps import FeatureMap
-from less_exp.state.normalizers import JointNormalizer
+from less_exp.state.normalizers import JointNormalizer, NormNormalizer
+from less_exp.state.reweighting import Reweighting
 
 
 class LessState(nn.Module):
     """One layer's trainable state parameters (the base model stays frozen).
 
     The recurrent state itself (``[H | z]``, ``[B, Hkv, D', d + 1]``) lives in the cache; this module
-    holds the maps that write it (``psi``, per KV head) and read it (``phi``, per query head) and the
-    normaliser that mixes the read-out with the sparse attention. It runs in float32 whatever the
-    model's dtype: it is tiny, and its sums must not round away.
+    holds the maps that write it (``psi``, per KV head) and read it (``phi``, per query head), an
+    optional re-weighting of those features, and the normaliser that mixes the read-out with the
+    sparse attention. It runs in float32 whatever the model's dtype: it is tiny, and its sums must
+    not round away.
     """
 
-    def __init__(self, feature_map: FeatureMap, normalizer: nn.Module, head_dim: int):
+    def __init__(self, feature_map: FeatureMap, normalizer: nn.Module, head_dim: int,
+                 reweighting: Reweighting | None = None):
         super().__init__()
         self.feature_map = feature_map
         self.normalizer = normalizer
         self.head_dim = head_dim
+        self.reweighting = reweighting
 
     @property
     def num_features(self) -> int:
-        return self.feature_map.num_features
+        return self.feature_map.num_features * (self.reweighting.factor if self.reweighting is not None else 1)
 
-    def phi(self, q: torch.Tensor) -> torch.Tensor:
-        return self.feature_map.query(q)
+    @property
+    def needs_positions(self) -> bool:
+        return self.reweighting is not None and self.reweighting.needs_positions
 
-    def psi(self, k: torch.Tensor) -> torch.Tensor:
-        return self.feature_map.key(k)
+    def phi(self, q: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Query features ``[B, H, c, D']``; ``pos [B, c]`` logical positions (for position re-weighting)."""
+        phi = self.feature_map.query(q)
+        if self.reweighting is not None:
+            phi = self.reweighting.query(q, phi, None if pos is None else pos[:, None, :])
+        return phi
+
+    def psi(self, k: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Key features ``[B, Hkv, c, D']``; ``pos [B, Hkv, c]`` logical positions of the keys."""
+        psi = self.feature_map.key(k)
+        if self.reweighting is not None:
+            psi = self.reweighting.key(k, psi, pos)
+        return psi
 
     def attend(
         self,
@@ -45,6 +61,8 @@ class LessState(nn.Module):
         lse: torch.Tensor,
         initial: torch.Tensor | None = None,
         chunk_size: int = 64,
+        query_pos: torch.Tensor | None = None,
+        stream_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The LESS output of ``c`` queries from their sparse part and the evicted stream; every form calls it.
 
@@ -53,13 +71,17 @@ class LessState(nn.Module):
                 step (``ops.gather_stream``), ``has [B, Hkv, c]`` False where nothing was evicted.
             o_sparse, lse: ``[B, Hkv, G, c, d]`` / ``[B, Hkv, G, c]`` from ``ops.sparse_attention``.
             initial: the state ``[B, Hkv, D', d + 1]`` before the first step (None: empty).
+            query_pos ``[B, c]``, stream_pos ``[B, Hkv, c]``: logical positions of the queries and of the
+                evicted tokens, needed only when :attr:`needs_positions` (``ops.stream_positions``).
         Returns:
             ``(out [B, Hkv, G, c, d] float32, state after the last step)``.
         """
         B, H, c, _ = query.shape
         Hkv = stream_key.shape[1]
-        phi = self.phi(query.float()).reshape(B, Hkv, H // Hkv, c, -1)
-        psi = self.psi(stream_key.float()) * has[..., None]
+        if self.needs_positions and (query_pos is None or stream_pos is None):
+            raise ValueError("this state's re-weighting needs query_pos and stream_pos")
+        phi = self.phi(query.float(), query_pos).reshape(B, Hkv, H // Hkv, c, -1)
+        psi = self.psi(stream_key.float(), stream_pos) * has[..., None]
         num, den, final = linear_attention(phi, psi, stream_value, initial, chunk_size)
         return self.normalizer(o_sparse, lse, num, den), final
 
@@ -68,19 +90,31 @@ class LessState(nn.Module):
         D, d = self.num_features, self.head_dim
         return (D * d + D) / (2 * d)
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
     def settings(self) -> dict:
-        return {"feature_map": self.feature_map.settings(), "normalizer": self.normalizer.settings()}
+        out = {"feature_map": self.feature_map.settings(), "normalizer": self.normalizer.settings()}
+        if self.reweighting is not None:
+            out["reweighting"] = self.reweighting.settings()
+        return out
 
 
 class LessStates(nn.ModuleList):
     """One :class:`LessState` per decoder layer; its ``state_dict`` is exactly what a checkpoint holds."""
 
     @classmethod
-    def build(cls, make_feature_map, make_normalizer, num_layers: int, head_dim: int) -> "LessStates":
-        return cls(LessState(make_feature_map(), make_normalizer(), head_dim) for _ in range(num_layers))
+    def build(cls, make_feature_map, make_normalizer, num_layers: int, head_dim: int,
+              make_reweighting=None) -> "LessStates":
+        return cls(LessState(make_feature_map(), make_normalizer(), head_dim,
+                             make_reweighting() if make_reweighting is not None else None)
+                   for _ in range(num_layers))
 
     def token_equivalents(self) -> float:
         return self[0].token_equivalents() if len(self) else 0.0
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
-__all__ = ["JointNormalizer", "LessState", "LessStates"]
+
+__all__ = ["JointNormalizer", "LessState", "LessStates", "NormNormalizer"]

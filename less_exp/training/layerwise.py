@@ -34,7 +34,7 @@ from less_exp.adapter import attention_modules
 from less_exp.factory import instantiate_component, make_states
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.models import DTYPES
-from less_exp.ops import attention_logits, gather_stream, sparse_attention
+from less_exp.ops import attention_logits, gather_stream, sparse_attention, stream_positions
 from less_exp.policies import Budget, EvictionPolicy
 from less_exp.state import LessState
 from less_exp.tracking import Tracker
@@ -64,6 +64,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"training.val_fraction={t.val_fraction} must be in (0, 1)")
     if not float(t.lr) > 0 or not 0 < float(t.lr_gamma) <= 1 or float(t.weight_decay) < 0:
         raise ConfigError(f"training.lr={t.lr} must be > 0, lr_gamma={t.lr_gamma} in (0, 1], weight_decay >= 0")
+    scale_lr = t.get("scale_lr")
+    if scale_lr is not None and (isinstance(scale_lr, bool) or not isinstance(scale_lr, (int, float)) or scale_lr <= 0):
+        raise ConfigError(f"training.scale_lr={scale_lr!r} must be a number > 0, or null for training.lr")
     if t.record_dtype not in DTYPES:
         raise ConfigError(f"training.record_dtype={t.record_dtype!r} is not one of {sorted(DTYPES)}")
     if t.layers_per_recording is not None and (not isinstance(t.layers_per_recording, int) or t.layers_per_recording < 1):
@@ -139,7 +142,24 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
                         shutil.rmtree(record.layer_dir(record_dir, layer), ignore_errors=True)
                     bar.update(1)
                     bar.set_postfix(layer=layer, val=f"{metrics['val_mse']:.3g}", plus=f"{metrics['baseline_plus_mse']:.3g}")
-    return summarize(root, layers, todo, tracker)
+    return {**summarize(root, layers, todo, tracker), "state_parameters": states.num_parameters()}
+
+
+SCALE_PARAMETERS = ("log_key_scale", "mix")
+
+
+def param_groups(state: torch.nn.Module, t: DictConfig) -> list[dict]:
+    """The state's parameters for Adam; its scales (the key's log-scale, a normaliser's mix) at
+    ``training.scale_lr`` when set. They start near 0 for the plain start, and a map whose only weight
+    is its key scale (performer, dijiang) must move it by several nats, which Adam does at about
+    ``lr`` a step."""
+    scale_lr = t.get("scale_lr")
+    params = [(n, p) for n, p in state.named_parameters() if p.requires_grad]
+    if scale_lr is None:
+        return [{"params": [p for _, p in params]}]
+    scales = [p for n, p in params if n.rsplit(".", 1)[-1] in SCALE_PARAMETERS]
+    rest = [p for n, p in params if n.rsplit(".", 1)[-1] not in SCALE_PARAMETERS]
+    return [g for g in ({"params": rest}, {"params": scales, "lr": float(scale_lr)}) if g["params"]]
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -172,6 +192,7 @@ class LayerFit:
         self.policy, self.budget, self.plus, self.plus_budget = policy, budget, plus, plus_budget
         self.t, self.seed, self.device, self.root, self.tracker = t, seed, device, Path(root), tracker
         self.head = head
+        self._unscored: dict = {}
 
     # -------------------------------------------------------------- preparation
     def prepare(self, module, o_proj, files: list[Path], val_idx: list[int]) -> tuple[list[Path], dict]:
@@ -193,8 +214,9 @@ class LayerFit:
                 sums["plain"] += plain.item()
                 sums["baseline_plus"] += plus.item()
                 sums["count"] += count
+            q_pos, s_pos = stream_positions(sched.logical, ev, q.shape[-2])
             item = {"q": q, "stream_k": gather_stream(k, ev), "stream_v": gather_stream(v, ev), "has": ev >= 0,
-                    "o": o, "o_sparse": o_sparse, "lse": lse, "mask": mask}
+                    "o": o, "o_sparse": o_sparse, "lse": lse, "mask": mask, "q_pos": q_pos, "s_pos": s_pos}
             item = {name: x[0].cpu() for name, x in item.items()}
             out = path.with_name(f"prepared_{path.name}")
             record.save_atomic(item, out)
@@ -202,11 +224,17 @@ class LayerFit:
         count = max(sums["count"], 1)
         return prepared, {"plain_mse": sums["plain"] / count, "baseline_plus_mse": sums["baseline_plus"] / count}
 
-    @staticmethod
-    def _schedule(policy, budget, logits, num_kv_heads):
+    def _schedule(self, policy, budget, logits, num_kv_heads):
+        """The policy's parallel face; a ranking that ignores attention is the same for every sequence
+        and layer of one length, so it is computed once."""
         B, _, _, S, _ = logits.shape
         valid = torch.ones(B, S, dtype=torch.bool, device=logits.device)
-        return policy.keep_mask(budget, valid, num_kv_heads, logits if policy.uses_scores else None)
+        if policy.uses_scores:
+            return policy.keep_mask(budget, valid, num_kv_heads, logits)
+        key = (id(policy), budget, B, S, num_kv_heads)
+        if key not in self._unscored:
+            self._unscored[key] = policy.keep_mask(budget, valid, num_kv_heads)
+        return self._unscored[key]
 
     @staticmethod
     def o_proj(module) -> torch.nn.Module:
@@ -227,7 +255,8 @@ class LayerFit:
 
     def _error(self, state: LessState, o_proj, batch: dict) -> tuple[torch.Tensor, int]:
         b = batch
-        out, _ = state.attend(b["q"], b["stream_k"], b["stream_v"], b["has"], b["o_sparse"], b["lse"])
+        out, _ = state.attend(b["q"], b["stream_k"], b["stream_v"], b["has"], b["o_sparse"], b["lse"],
+                              query_pos=b["q_pos"], stream_pos=b["s_pos"])
         return masked_sq_error(self._project(o_proj, out), b["o"], b["mask"])
 
     @torch.no_grad()
@@ -248,8 +277,7 @@ class LayerFit:
         prepared, baselines = self.prepare(module, o_proj, files, val_idx)
         train_files = [prepared[i] for i in train_idx]
         val_files = [prepared[i] for i in val_idx]
-        params = [p for p in state.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
+        optimizer = torch.optim.Adam(param_groups(state, t), lr=float(t.lr), weight_decay=float(t.weight_decay))
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step_epochs, gamma=float(t.lr_gamma))
 
         progress = checkpoints.load_progress(self.root, layer, self.head)
@@ -356,6 +384,7 @@ def summarize(root: Path, layers: list[int], trained: list[int], tracker: Tracke
         "layers_beating_plain": sum(m["beats_plain"] for m in per_layer.values()),
         "layers_beating_baseline_plus": sum(m["beats_baseline_plus"] for m in per_layer.values()),
         "state_token_equivalents": manifest["state_token_equivalents"],
+        "train_s": round(sum(m.get("duration_s", 0.0) for m in per_layer.values()), 1),
         "layers": {str(layer): {k: v for k, v in m.items() if not isinstance(v, list)} for layer, m in per_layer.items()},
     }
 
