@@ -430,6 +430,17 @@ def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig, DictConfig
     return feature_map, OmegaConf.create(manifest["normalizer"]), reweighting
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_into(states, root: str | Path, manifest: dict | None = None, model: torch.nn.Module | None = None) -> None:
     """Load every layer of the checkpoint at ``root`` into ``states``; any mismatch is a ConfigError.
 
@@ -447,7 +458,10 @@ def load_into(states, root: str | Path, manifest: dict | None = None, model: tor
         )
     settings = states[0].settings()
     if settings != manifest["settings"]:
-        raise ConfigError(f"checkpoint={root} holds states with settings {manifest['settings']}, this run builds {settings}")
+        found, own = _flat(manifest["settings"]), _flat(settings)
+        differs = ", ".join(f"{k}={found.get(k)} (this run: {own.get(k)})" for k in sorted(set(found) | set(own))
+                            if found.get(k) != own.get(k))
+        raise ConfigError(f"checkpoint={root} holds states with {differs}; leave those settings unset to take the checkpoint's")
     _check_layers(root, manifest)
     if model is not None:
         trained = {key: manifest["model"].get(key) for key in MODEL_DERIVED}

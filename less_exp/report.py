@@ -13,12 +13,15 @@ apart under "Failed runs" and kept out of the tables and plots.
 
 from __future__ import annotations
 
+
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -36,7 +39,8 @@ HARNESS_COLUMNS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "num_samples", "num_skipped")
 # Metric columns per task, as fnmatch patterns; a task not listed shows all its scalar metrics.
 TASK_COLUMNS = {
-    "perplexity": ("perplexity", "nll", "word_perplexity", "num_tokens"),
+    "perplexity": ("perplexity", "gap_closed", "nll", "word_perplexity", "num_tokens", "state_features",
+                   "state_parameters", "train_s"),
     "wikitext_harness": ("perplexity", *HARNESS_COLUMNS, "num_tokens"),
     "harness": ("*/*",),
     "xsum": ROUGE_COLUMNS,
@@ -384,7 +388,7 @@ def make_report(
     if not loaded:
         raise NoResultsError(f"no readable {FILENAME} under {', '.join(map(str, paths))}")
     reasons = [failure(run, metrics) for run in loaded]
-    runs = [run for run, reason in zip(loaded, reasons) if reason is None]
+    runs = with_gap_closed([run for run, reason in zip(loaded, reasons) if reason is None])
     failed = [(run, reason) for run, reason in zip(loaded, reasons) if reason is not None]
     first = Path(paths[0])
     out = Path(out_dir) if out_dir is not None else (first if first.is_dir() else first.parent) / "report"
@@ -406,6 +410,31 @@ def make_report(
     if logger != "none":
         report.wandb_run_dir = _log_to_wandb(report, plots + heatmaps, paths, logger, project)
     return report
+
+
+def with_gap_closed(runs: Sequence[ReportRun], metric: str = "perplexity") -> list[ReportRun]:
+    """Runs with ``gap_closed = (plain - x) / (plain - full)`` of ``metric`` added where the report
+    holds the comparable plain run (same model, policy and settings, the largest budget not above this
+    run's: Baseline+ is compared with the policy it grows) and full-cache run (same model and settings).
+    Plain and full runs get none (0 and 1 by definition)."""
+    def key(run):
+        return run.model, run.task, tuple(sorted((k, _hashable(v)) for k, v in run.settings.items()))
+
+    full = {key(r): r.metrics[metric] for r in runs if r.policy == "full" and _is_number(r.metrics.get(metric))}
+    plain: dict = defaultdict(list)
+    for r in runs:
+        if r.policy != "full" and r.method == r.policy and r.budget is not None and _is_number(r.metrics.get(metric)):
+            plain[(*key(r), r.policy)].append(r)
+    out = []
+    for run in runs:
+        value, ref = run.metrics.get(metric), full.get(key(run))
+        below = [p for p in plain.get((*key(run), run.policy), []) if run.budget is not None and p.budget <= run.budget]
+        if run.method != run.policy and run.policy != "full" and _is_number(value) and ref is not None and below:
+            base = max(below, key=lambda p: p.budget).metrics[metric]
+            if base != ref:
+                run = dataclasses.replace(run, metrics={**run.metrics, "gap_closed": (base - value) / (base - ref)})
+        out.append(run)
+    return out
 
 
 def failed_table(failed: Sequence[tuple[Run, str]]) -> Table:

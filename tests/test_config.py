@@ -32,6 +32,7 @@ def test_eval_defaults(compose_config):
 def test_train_composes_without_task(compose_config):
     cfg = compose_config("train", ["model=tiny_qwen2"])
     assert cfg.task is None and cfg.model.name == "tiny_qwen2"
+    assert compose_config("train", ["task=perplexity"]).task.seq_len == 1024  # evaluated after training
 
 
 def test_overrides_apply(compose_config):

@@ -309,3 +309,38 @@ def test_sizes_are_printed_before_the_model_loads(compose_config, capsys):
                                              "reweighting=leapformer"]))
     out = capsys.readouterr().out
     assert "state: Taylor x LeaPformer re-weighting, D'=56," in out and "for 30 layers" in out
+
+
+# ------------------------------------------------------------------ training, checkpoints
+TINY_TRAIN = ["model=tiny_llama", "logger=none", "policy=sink", "policy.recent=8", "training.seq_len=64",
+              "training.num_sequences=4", "training.epochs=1"]
+TINY_EVAL = ["model=tiny_llama", "logger=none", "policy=sink", "policy.recent=8", "task.seq_len=64", "task.max_windows=2"]
+
+
+def test_train_evaluates_and_checkpoint_carries_every_component(compose_config, tmp_path, one_thread):
+    """A train job with task= evaluates its states; the checkpoint holds Performer's fixed Omega and the
+    re-weighting and normaliser settings, reloads to the same perplexity, and refuses other settings."""
+    from less_exp import eval as eval_job
+    from less_exp import train as train_job
+    from less_exp.checkpoints import read_manifest
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "ckpt"
+    metrics = train_job.train(compose_config("train", [
+        *TINY_TRAIN, "feature_map=performer", "reweighting=leapformer", "normalizer=norm", f"checkpoint={ckpt}",
+        "task=perplexity", "task.seq_len=64", "task.max_windows=2"]))
+    evaluation = metrics["evaluation"]
+    assert evaluation["state_features"] == 16 and evaluation["state_parameters"] == metrics["state_parameters"]
+    assert (tmp_path / "eval" / "results.json").is_file() and math.isfinite(evaluation["perplexity"])
+    settings = read_manifest(ckpt)["settings"]
+    assert settings["reweighting"] == {"name": "LeaPformer", "hidden": 16} and settings["normalizer"] == {"name": "norm"}
+    assert settings["feature_map"]["seed"] == 0 and "feature_map.omega" in load_file(str(ckpt / "layer_000.safetensors"))
+
+    again = eval_job.evaluate(compose_config("eval", [*TINY_EVAL, f"checkpoint={ckpt}"]))
+    assert again["perplexity"] == pytest.approx(evaluation["perplexity"], rel=1e-6)
+    with pytest.raises(ConfigError, match="holds reweighting=leapformer, but this run sets reweighting=cosformer"):
+        eval_job.evaluate(compose_config("eval", [*TINY_EVAL, f"checkpoint={ckpt}", "feature_map=performer",
+                                                  "reweighting=cosformer"]))
+    with pytest.raises(ConfigError, match=r"feature_map.seed=0 \(this run: 1\)"):
+        eval_job.evaluate(compose_config("eval", [*TINY_EVAL, f"checkpoint={ckpt}", "feature_map=performer",
+                                                  "feature_map.seed=1"]))

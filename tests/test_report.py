@@ -16,7 +16,8 @@ from less_exp.results import write_results
 from wandb_records import read_run
 
 GRID = {"context_lengths": [256, 512], "depths": [0.0, 0.5, 1.0], "accuracy": [[1.0, 1.0, 0.5], [1.0, 0.0, 0.5]]}
-PPL_COLUMNS = ["model", "method", "budget", "state (token-eq.)", "memory (tokens)", "perplexity", "nll", "num_tokens", "run"]
+PPL_COLUMNS = ["model", "method", "budget", "state (token-eq.)", "memory (tokens)", "perplexity", "gap_closed", "nll",
+               "num_tokens", "run"]
 
 
 def _config(task, policy="full", feature_map="none", checkpoint=None, baseline_plus=False, model="tiny_llama"):
@@ -93,12 +94,13 @@ def test_report_tables_plots_and_heatmaps(sweep, caplog):
     run = lambda name: f"2026-01-01_00-00-00/{name}"  # noqa: E731
     assert _table(rep.markdown, "perplexity") == [
         PPL_COLUMNS,
-        ["tiny_llama", "full", "full", "0", "full", "300", "5.7", "508", run("0_policy=full")],
-        ["tiny_llama", "h2o", "32", "0", "32", "340.5", "5.83", "508", run("1_policy=h2o,b=32")],
-        ["tiny_llama", "h2o", "32", "0", "32", "341.5", "5.83", "508", run("5_policy=h2o,seed=1")],
-        ["tiny_llama", "h2o+less_mlp(ckpt)", "32", "4.25", "36", "330", "5.8", "508", run("3_policy=h2o,feature_map=less_mlp")],
-        ["tiny_llama", "h2o", "64", "0", "64", "320.25", "5.77", "508", run("2_policy=h2o,b=64")],
-        ["tiny_llama", "sink", "32", "0", "32", "350", "5.86", "508", run("4_policy=sink")],
+        ["tiny_llama", "full", "full", "0", "full", "300", "", "5.7", "508", run("0_policy=full")],
+        ["tiny_llama", "h2o", "32", "0", "32", "340.5", "", "5.83", "508", run("1_policy=h2o,b=32")],
+        ["tiny_llama", "h2o", "32", "0", "32", "341.5", "", "5.83", "508", run("5_policy=h2o,seed=1")],
+        # gap closed: (plain h2o at budget 32 - 330) / (plain - full) = (340.5 - 330) / (340.5 - 300)
+        ["tiny_llama", "h2o+less_mlp(ckpt)", "32", "4.25", "36", "330", "0.2593", "5.8", "508", run("3_policy=h2o,feature_map=less_mlp")],
+        ["tiny_llama", "h2o", "64", "0", "64", "320.25", "", "5.77", "508", run("2_policy=h2o,b=64")],
+        ["tiny_llama", "sink", "32", "0", "32", "350", "", "5.86", "508", run("4_policy=sink")],
     ]
     passkey = _table(rep.markdown, "passkey")
     assert passkey[0][-3:] == ["accuracy", "accuracy@256", "run"]

@@ -92,6 +92,7 @@ class Compression:
             "heavy": budget.heavy,
             "recent": budget.recent,
             "state_token_equivalents": self.states.token_equivalents() if self.states is not None else 0.0,
+            "state_features": self.states[0].num_features if self.states is not None else 0,
         }
 
 
