@@ -344,3 +344,26 @@ def test_train_evaluates_and_checkpoint_carries_every_component(compose_config, 
     with pytest.raises(ConfigError, match=r"feature_map.seed=0 \(this run: 1\)"):
         eval_job.evaluate(compose_config("eval", [*TINY_EVAL, f"checkpoint={ckpt}", "feature_map=performer",
                                                   "feature_map.seed=1"]))
+
+
+def test_performer_sums_and_gradients_stay_finite_with_large_inputs():
+    """Outlier-sized q and k over a long evicted stream at a grown key scale: without the causal shifts
+    the read-out's backward (num / den^2) overflows float32; with them values and gradients are finite
+    and the read-out still equals the unshifted one computed in float64."""
+    B, H, Hkv, S, d = 1, 2, 1, 4096, 64
+    fm = factory.instantiate_component(node("feature_map", "performer", key_scale_init=1e4), head_dim=d, num_heads=H,
+                                       num_kv_heads=Hkv)
+    state = LessState(fm, factory.instantiate_component(node("normalizer", "joint")), d)
+    q = (_x(B, H, S, d, seed=6) * 6).float().requires_grad_()
+    k, v = (_x(B, Hkv, S, d, seed=7) * 6).float(), _x(B, Hkv, S, d, seed=8).float()
+    o_sparse, lse = torch.zeros(B, Hkv, H, S, d), torch.full((B, Hkv, H, S), 5.0)
+    out, final = state.attend(q, k, v, torch.ones(B, Hkv, S, dtype=torch.bool), o_sparse, lse)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(final).all() and torch.isfinite(q.grad).all()
+    assert torch.isfinite(fm.log_key_scale.grad).all() and torch.isfinite(fm.projection.w_q.grad).all()
+    with torch.no_grad():  # the last query against the whole stream, unshifted, in float64
+        phi, psi = state.double().phi(q[:, :, -1:].double()), state.double().psi(k.double())
+        num = torch.einsum("bhqf,bgsf,bgsd->bhqd", phi, psi, v.double())
+        den = torch.einsum("bhqf,bgsf->bhq", phi, psi)
+        ref = (den / (den + math.exp(5.0)))[..., None] * num / den[..., None]
+    torch.testing.assert_close(out[:, 0, :, -1:].double(), ref, rtol=1e-4, atol=1e-6)

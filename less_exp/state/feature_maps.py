@@ -54,6 +54,14 @@ class FeatureMap(nn.Module):
     def key(self, k: torch.Tensor) -> torch.Tensor:
         return self._key(k) * self.log_key_scale.exp().to(k.dtype)
 
+    def query_with_offset(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(features, log_offset [B, H, S] or None)``: the true features are ``features * exp(log_offset)``.
+
+        Maps with exponential features return them scaled down (so sums of them cannot overflow) and
+        the scale as a log; the normaliser adds it back in log space. The default has no offset.
+        """
+        return self.query(q), None
+
     def _query(self, q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -226,10 +234,11 @@ class Performer(FeatureMap):
     ``phi(x) = m^(-1/2) exp(w_i . x - |x|^2 / 2)`` with ``x = q / d^(1/4)``, so that
     ``E[phi(q) . phi(k)] = exp(q . k / sqrt(d))``: the state is an unbiased estimate of the evicted
     tokens' softmax mass at its absolute scale, as the joint normaliser needs. Stabiliser: none that
-    depends on other tokens (a per-sequence max is not causal). The key's learned log-scale is added
-    inside the exponent, and in float32 nothing overflows: ``w . x - |x|^2 / 2 <= |w|^2 / 2`` whatever
-    ``x``, about ``d / 2`` (32 for d = 64; float32 overflows past 88). ``omega [D', d]`` is a fixed
-    buffer; ``learn_projection`` puts a learned map (identity at the start) in front of it.
+    depends on other tokens (a per-sequence max over keys is not causal): keys are shifted by the
+    constant ``max_i |w_i|^2 / 2``, which bounds ``w . x - |x|^2 / 2`` whatever ``x``, and each query by
+    its own maximum; both shifts return to the normaliser as a log offset (:meth:`query_with_offset`).
+    The key's learned log-scale sits inside the exponent. ``omega [D', d]`` is a fixed buffer;
+    ``learn_projection`` puts a learned map (identity at the start) in front of it.
     """
 
     def __init__(self, head_dim, num_heads, num_kv_heads, features=8, key_scale_init=1e-4, seed=0,
@@ -247,11 +256,25 @@ class Performer(FeatureMap):
         x = x * x.shape[-1] ** -0.25
         return x @ self.omega.to(x.dtype).T - (x * x).sum(-1, keepdim=True) / 2 - 0.5 * math.log(self.num_features)
 
+    def _key_shift(self) -> float:
+        """A constant bound of the key's log-features without its scale: ``max_i |w_i|^2 / 2``."""
+        return float(self.omega.square().sum(-1).max()) / 2
+
     def query(self, q):
-        return self._log_features(self.projection.query(q)).exp()
+        features, offset = self.query_with_offset(q)
+        return features * offset.exp()[..., None]
+
+    def query_with_offset(self, q):
+        """Shifted by the query's own maximum (causal: it reads nothing but this query) plus the key
+        shift, so every stored key feature is ``<= key scale`` and every query feature ``<= 1``: sums and
+        their gradients (``num / den^2``) stay finite however long the sequence. Exact: ``phi . psi``
+        gets back ``exp(offset)`` in the normaliser's log space."""
+        logf = self._log_features(self.projection.query(q))
+        top = logf.detach().amax(-1)
+        return (logf - top[..., None]).exp(), top + self._key_shift()
 
     def key(self, k):
-        return (self._log_features(self.projection.key(k)) + self.log_key_scale.to(k.dtype)).exp()
+        return (self._log_features(self.projection.key(k)) + self.log_key_scale.to(k.dtype) - self._key_shift()).exp()
 
     def settings(self) -> dict:
         return {**super().settings(), "seed": self.seed, "learn_projection": self.projection.w_q is not None}

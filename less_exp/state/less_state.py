@@ -39,10 +39,15 @@ class LessState(nn.Module):
 
     def phi(self, q: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Query features ``[B, H, c, D']``; ``pos [B, c]`` logical positions (for position re-weighting)."""
-        phi = self.feature_map.query(q)
+        phi, offset = self.phi_with_offset(q, pos)
+        return phi if offset is None else phi * offset.exp()[..., None]
+
+    def phi_with_offset(self, q: torch.Tensor, pos: torch.Tensor | None = None):
+        """``(features, log_offset [B, H, c] or None)`` as :meth:`FeatureMap.query_with_offset`."""
+        phi, offset = self.feature_map.query_with_offset(q)
         if self.reweighting is not None:
             phi = self.reweighting.query(q, phi, None if pos is None else pos[:, None, :])
-        return phi
+        return phi, offset
 
     def psi(self, k: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Key features ``[B, Hkv, c, D']``; ``pos [B, Hkv, c]`` logical positions of the keys."""
@@ -80,10 +85,13 @@ class LessState(nn.Module):
         Hkv = stream_key.shape[1]
         if self.needs_positions and (query_pos is None or stream_pos is None):
             raise ValueError("this state's re-weighting needs query_pos and stream_pos")
-        phi = self.phi(query.float(), query_pos).reshape(B, Hkv, H // Hkv, c, -1)
+        phi, offset = self.phi_with_offset(query.float(), query_pos)
+        phi = phi.reshape(B, Hkv, H // Hkv, c, -1)
         psi = self.psi(stream_key.float(), stream_pos) * has[..., None]
         num, den, final = linear_attention(phi, psi, stream_value, initial, chunk_size)
-        return self.normalizer(o_sparse, lse, num, den), final
+        if offset is not None:
+            offset = offset.reshape(B, Hkv, H // Hkv, c)
+        return self.normalizer(o_sparse, lse, num, den, offset), final
 
     def token_equivalents(self) -> float:
         """State size per KV head in cached tokens (a token costs 2 d numbers: key and value)."""

@@ -1,7 +1,8 @@
 """How the sparse attention and the state's read-out are combined into one output.
 
-Every normaliser takes ``(o_sparse [B, Hkv, G, c, d], lse [B, Hkv, G, c], num [..., d], den [...])``
-and returns the output in float32; ``num = phi^T H`` and ``den = phi^T z`` are the state's read-out.
+Every normaliser takes ``(o_sparse [B, Hkv, G, c, d], lse [B, Hkv, G, c], num [..., d], den [...],
+log_offset)`` and returns the output in float32; ``num = phi^T H`` and ``den = phi^T z`` are the
+state's read-out, both to be multiplied by ``exp(log_offset)`` (None: 1) for their true scale.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ class JointNormalizer(nn.Module):
     def __init__(self, **_):
         super().__init__()
 
-    def forward(self, o_sparse: torch.Tensor, lse: torch.Tensor, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-        return joint_normalize(o_sparse, lse, num, den)
+    def forward(self, o_sparse, lse, num, den, log_offset=None) -> torch.Tensor:
+        return joint_normalize(o_sparse, lse, num, den, log_offset)
 
     def settings(self) -> dict:
         return {"name": "joint"}
@@ -45,7 +46,9 @@ class NormNormalizer(nn.Module):
         self.mix = nn.Parameter(torch.zeros(num_kv_heads, group, 1, 1))
         self.gain = nn.Parameter(torch.ones(num_kv_heads, group, 1, head_dim))
 
-    def forward(self, o_sparse, lse, num, den):
+    def forward(self, o_sparse, lse, num, den, log_offset=None):
+        """The norm is scale-invariant, so a feature map's log offset is not applied (its exponential
+        could overflow): ``eps`` acts on the read-out as the map scaled it."""
         return norm_mix(o_sparse, num, self.gain, self.mix, self.eps)
 
     def settings(self) -> dict:
