@@ -143,6 +143,9 @@ def run_cli(prog: str, work, cfg: DictConfig):
     """Run a job from the command line: a user's error is one line on stderr and its exit code.
 
     ``LESS_DEBUG=1`` or ``HYDRA_FULL_ERROR=1`` lets the exception through with its traceback.
+    In a sweep (``-m``) run in this process a failed job does not stop the others: its line is
+    printed, its ``results.json`` says why, and :func:`cli` exits with the first failure's code at
+    the end (submitit launchers run each job in its own process, which exits with its code).
     """
     try:
         return work(cfg)
@@ -150,7 +153,21 @@ def run_cli(prog: str, work, cfg: DictConfig):
         if os.environ.get("LESS_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        if not _in_sweep():
+            sys.exit(err.exit_code)
+        _SWEEP_FAILURES.append(err.exit_code)
+
+
+_SWEEP_FAILURES: list[int] = []
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", ""))  # jobs share this process
 
 
 def compose_error(config_name: str, argv: list[str]) -> str | None:
@@ -192,3 +209,5 @@ def cli(prog: str, config_name: str, main) -> None:
         print(f"{prog}: error: {problem}", file=sys.stderr)
         sys.exit(2)
     main()
+    if _SWEEP_FAILURES:
+        sys.exit(_SWEEP_FAILURES[0])

@@ -48,6 +48,17 @@ def test_runs_and_sweeps_started_together_keep_all_their_results(tmp_path):
     assert seeds == [(0, "sink"), (0, "window"), (1, "sink"), (1, "window")]
 
 
+def test_a_failed_job_does_not_stop_the_rest_of_its_sweep(tmp_path):
+    """The first job's budget does not fit its sequences: it fails in one line, the second still runs,
+    and the sweep exits with the failure's code."""
+    sweep = tmp_path / "sweep"
+    proc = _start(["-m", *TINY, f"hydra.sweep.dir={sweep}", "policy=sink", "policy.recent=100,8"], tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "less-eval: error:" in err and "Traceback" not in err
+    (done,) = _results(sweep)
+    assert json.loads(done.read_text())["config"]["policy"]["recent"] == 8
+
+
 def test_a_folder_with_another_configurations_results_is_not_overwritten(compose_config, tmp_path):
     out = tmp_path / "run"
     first = eval_job.evaluate(compose_config("eval", [*TINY, f"paths.output_dir={out}"]))
