@@ -39,9 +39,10 @@ from less_exp.errors import ConfigError, NonFiniteError
 MANIFEST = "manifest.json"
 FORMAT = "less-exp/states-v2"
 FINGERPRINT = "fingerprint"
-IDENTITY = ("format", "model", "policy", "budget", "feature_map", "normalizer", "reweighting", "settings", "training",
-            "state_token_equivalents")
-COMPONENTS = ("policy", "feature_map", "normalizer", "reweighting")
+IDENTITY = ("format", "model", "policy", "budget", "feature_map", "normalizer", "reweighting", "gating", "settings",
+            "training", "state_token_equivalents")
+COMPONENTS = ("policy", "feature_map", "normalizer", "reweighting", "gating")
+OPTIONAL_COMPONENTS = ("reweighting", "gating")  # recorded only when not none, as before they existed
 MODEL_DERIVED = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "config_hash", "weights_hash")
 VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache",
                    "output_attentions", "output_hidden_states", "return_dict"}
@@ -152,8 +153,9 @@ def header(cfg: DictConfig, model: torch.nn.Module, states, budget) -> dict:
         "training": {"mode": cfg.training.mode},
         "state_token_equivalents": states.token_equivalents(),
     }
-    if cfg.reweighting.get("name", "none") != "none":  # absent otherwise, as in checkpoints from before re-weighting
-        head["reweighting"] = OmegaConf.to_container(cfg.reweighting, resolve=True)
+    for group in OPTIONAL_COMPONENTS:
+        if cfg[group].get("name", "none") != "none":
+            head[group] = OmegaConf.to_container(cfg[group], resolve=True)
     return head
 
 
@@ -163,9 +165,11 @@ def fingerprint(head: dict) -> dict:
 
 
 def _comparable(value, key: str):
-    """Settings that do not change the trained parameters (dropout, the key scale's init) are ignored."""
+    """Settings that do not change the trained parameters (dropout, the key scale's init, the chunk size) are ignored."""
     if key == "feature_map" and isinstance(value, dict):
         return {k: v for k, v in value.items() if k not in ("dropout", "key_scale_init")}
+    if key == "gating" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "chunk_size"}
     return value
 
 
@@ -394,7 +398,7 @@ def check(cfg: DictConfig) -> dict:
             f"checkpoint={root} holds feature_map={manifest['feature_map']['name']}, but this run sets feature_map={own}; "
             "leave feature_map unset to take the checkpoint's"
         )
-    for group, default in (("normalizer", "joint"), ("reweighting", "none")):
+    for group, default in (("normalizer", "joint"), ("reweighting", "none"), ("gating", "none")):
         own, trained = cfg[group].get("name", default), manifest.get(group, {"name": "none"})["name"]
         if own not in (default, trained):
             raise ConfigError(f"checkpoint={root} holds {group}={trained}, but this run sets {group}={own}; "
@@ -422,12 +426,12 @@ def _check_layers(root: Path, manifest: dict) -> None:
             )
 
 
-def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig, DictConfig, DictConfig]:
+def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig, DictConfig, DictConfig, DictConfig]:
     """The feature map to build (the run's when it names one, else the checkpoint's) and the checkpoint's
-    normaliser and re-weighting."""
+    normaliser, re-weighting and gating."""
     feature_map = cfg.feature_map if cfg.feature_map.get("name", "none") != "none" else OmegaConf.create(manifest["feature_map"])
-    reweighting = OmegaConf.create(manifest.get("reweighting", {"name": "none"}))
-    return feature_map, OmegaConf.create(manifest["normalizer"]), reweighting
+    reweighting, gating = (OmegaConf.create(manifest.get(group, {"name": "none"})) for group in OPTIONAL_COMPONENTS)
+    return feature_map, OmegaConf.create(manifest["normalizer"]), reweighting, gating
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

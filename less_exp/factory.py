@@ -33,15 +33,16 @@ def validate(cfg: DictConfig) -> None:
         policy = instantiate_component(cfg.policy)
     except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
         raise ConfigError(f"policy={cfg.policy.get('name')}: {_root_cause(err)}") from err
-    if cfg.gating.get("name", "none") != "none":
-        raise ConfigError(f"gating={cfg.gating.name} is not implemented yet; use gating=none")
+    size = cfg.gating.get("chunk_size", 64)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"gating.chunk_size={size!r} must be an integer >= 1")
     if cfg.get("checkpoint_budget", "trained") not in checkpoints.BUDGET_MATCH:
         raise ConfigError(f"checkpoint_budget={cfg.checkpoint_budget!r} is not one of {checkpoints.BUDGET_MATCH}")
     has_state = cfg.feature_map.get("name", "none") != "none"
     if policy.baseline_plus and not has_state:
         raise ConfigError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
     if not has_state and not cfg.get("checkpoint"):
-        for group, default in (("reweighting", "none"), ("normalizer", "joint")):
+        for group, default in (("reweighting", "none"), ("normalizer", "joint"), ("gating", "none")):
             if cfg[group].get("name", default) != default:
                 raise ConfigError(f"{group}={cfg[group].name} shapes a LESS state, but feature_map=none has none; "
                                   f"pick a feature_map or drop {group}=")
@@ -79,29 +80,39 @@ def model_shape(model_cfg: DictConfig) -> dict | None:
     return None if shape is None else {k: int(shape[k]) for k in ("layers", "heads", "kv_heads", "head_dim")}
 
 
-def _state_builders(feature_map: DictConfig, normalizer: DictConfig, reweighting: DictConfig, shape: dict):
+def _chosen(node: DictConfig | None) -> bool:
+    return node is not None and node.get("name", "none") != "none"
+
+
+def _state_builders(feature_map: DictConfig, normalizer: DictConfig, reweighting: DictConfig | None,
+                    gating: DictConfig | None, shape: dict):
+    """Constructors of one layer's components; the gating's takes the state's D' (``features``)."""
     kwargs = dict(head_dim=shape["head_dim"], num_heads=shape["heads"], num_kv_heads=shape["kv_heads"])
-    has_rw = reweighting is not None and reweighting.get("name", "none") != "none"
     return (lambda: instantiate_component(feature_map, **kwargs),
             lambda: instantiate_component(normalizer, **kwargs),
-            (lambda: instantiate_component(reweighting, **kwargs)) if has_rw else None)
+            (lambda: instantiate_component(reweighting, **kwargs)) if _chosen(reweighting) else None,
+            (lambda features: instantiate_component(gating, **kwargs, features=features)) if _chosen(gating) else None)
 
 
 def _config_state(cfg: DictConfig):
     """One layer's state as configured, at the model's shape when the config states it (else a small
     stand-in, to check the settings); a bad setting is one ConfigError naming its group."""
     shape = model_shape(cfg.model) or {"layers": 1, "heads": 2, "kv_heads": 1, "head_dim": 64}
-    fm, norm, rw = _state_builders(cfg.feature_map, cfg.normalizer, cfg.reweighting, shape)
+    fm, norm, rw, gate = _state_builders(cfg.feature_map, cfg.normalizer, cfg.reweighting, cfg.gating, shape)
     parts = []
-    for group, make in (("feature_map", fm), ("normalizer", norm), ("reweighting", rw)):
+    for group, make in (("feature_map", fm), ("normalizer", norm), ("reweighting", rw), ("gating", gate)):
         if make is None:
             parts.append(None)
             continue
         try:
-            parts.append(make())
+            if group == "gating":
+                features = parts[0].num_features * (parts[2].factor if parts[2] is not None else 1)
+                parts.append(make(features))
+            else:
+                parts.append(make())
         except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
             raise ConfigError(f"{group}={cfg[group].get('name')}: {_root_cause(err)}") from err
-    state = LessState(parts[0], parts[1], shape["head_dim"], parts[2])
+    state = LessState(parts[0], parts[1], shape["head_dim"], parts[2], parts[3])
     return state if model_shape(cfg.model) is not None else None
 
 
@@ -109,9 +120,11 @@ def describe_state(state: LessState, shape: dict | None) -> str:
     """D', parameters and token-equivalents of a state, for a line printed before any model loads."""
     layers = shape["layers"] if shape else 1
     rw = f" x {type(state.reweighting).__name__} re-weighting" if state.reweighting is not None else ""
-    return (f"{type(state.feature_map).__name__}{rw}, D'={state.num_features}, {state.num_parameters():,} parameters "
+    gate = f" with {type(state.gating).__name__}" if state.gating is not None else ""
+    return (f"{type(state.feature_map).__name__}{rw}{gate}, D'={state.num_features}, {state.num_parameters():,} parameters "
             f"a layer ({state.num_parameters() * layers:,} for {layers} layers), "
-            f"{state.token_equivalents():.2f} token-equivalents per KV head")
+            f"{state.token_equivalents():.2f} token-equivalents per KV head"
+            + (f", and a gate age of {state.gate_width} number{'s' if state.gate_width > 1 else ''} per cached token" if state.gating is not None else ""))
 
 
 def _root_cause(err: BaseException) -> str:
@@ -121,18 +134,16 @@ def _root_cause(err: BaseException) -> str:
 
 
 def make_states(cfg: DictConfig, model: torch.nn.Module, feature_map=None, normalizer=None,
-                reweighting=None) -> LessStates | None:
-    """Instantiate the feature map, normaliser and re-weighting once per layer, or None for ``feature_map=none``.
-
-    ``feature_map``/``normalizer``/``reweighting`` nodes replace ``cfg``'s (a checkpoint supplies its own).
+                reweighting=None, gating=None) -> LessStates | None:
+    """Instantiate the feature map, normaliser, re-weighting and gating once per layer, or None for
+    ``feature_map=none``. Nodes given replace ``cfg``'s (a checkpoint supplies its own).
     """
     feature_map = cfg.feature_map if feature_map is None else feature_map
     normalizer = cfg.normalizer if normalizer is None else normalizer
     reweighting = cfg.reweighting if reweighting is None else reweighting
+    gating = cfg.gating if gating is None else gating
     if feature_map.get("name", "none") == "none":
         return None
-    if cfg.gating.get("name", "none") != "none":
-        raise ValueError(f"gating={cfg.gating.name} is not implemented yet; use gating=none")
     modules = attention_modules(model)
     config = model.config
     shape = {"layers": len(modules), "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
@@ -141,8 +152,8 @@ def make_states(cfg: DictConfig, model: torch.nn.Module, feature_map=None, norma
     if stated is not None and stated != shape:
         raise ConfigError(f"model.shape={stated} does not match the loaded model={cfg.model.name} ({shape}); "
                           "correct model.shape in its config file")
-    fm, norm, rw = _state_builders(feature_map, normalizer, reweighting, shape)
-    return LessStates.build(fm, norm, len(modules), shape["head_dim"], rw)
+    fm, norm, rw, gate = _state_builders(feature_map, normalizer, reweighting, gating, shape)
+    return LessStates.build(fm, norm, len(modules), shape["head_dim"], rw, gate)
 
 
 def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
@@ -164,8 +175,14 @@ def apply(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
         extra, states = states.token_equivalents(), None
     if isinstance(policy, Full) and states is None:
         return model
-    build(model, policy, states, baseline_plus_tokens=extra)
+    comp = build(model, policy, states, baseline_plus_tokens=extra)
+    comp.chunk_size = chunk_size(cfg)
     return model
+
+
+def chunk_size(cfg: DictConfig) -> int:
+    """``gating.chunk_size``: steps per chunk of the chunked linear attention (64 when unset)."""
+    return int(cfg.gating.get("chunk_size", 64))
 
 
 def summary(model: torch.nn.Module, cfg: DictConfig, length: int | None = None) -> dict:

@@ -265,6 +265,8 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
     if feature_map == "none":
         return policy
     others = [f"{group}={name}" for group, default in STATE_DEFAULTS.items() if (name := _name(config, group, default)) != default]
+    if (config.get("gating") or {}).get("learned"):
+        others = [f"{o}(learned)" if o.startswith("gating=") else o for o in others]
     return policy + f"+{feature_map}" + (f"[{','.join(others)}]" if others else "") + ("(ckpt)" if checkpoint else "")
 
 

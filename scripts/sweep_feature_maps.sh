@@ -42,12 +42,5 @@ line() {  # one policy's rows, one job at a time
 }
 
 [ "$BASELINES" = 1 ] && "${EVAL[@]}" policy=full "hydra.sweep.dir=$OUT/full"
-pids=()
-for policy in "${POLICY_LIST[@]}"; do
-  line "$policy" > "$OUT.$policy.log" 2>&1 &
-  pids+=($!)
-done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-${LESS_REPORT:-.venv/bin/less-report} "$OUT" --out "$OUT/report"
-exit $status
+source scripts/sweep_lines.sh
+run_lines ""

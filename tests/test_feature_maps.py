@@ -54,8 +54,8 @@ def make_states(model, feature_map, reweighting="none", normalizer="joint", trai
              "head_dim": cfg.head_dim}
     extra = {"key_scale_init": 1.0, "dropout": 0.0, "hidden": 32, **map_overrides} if trained else map_overrides
     torch.manual_seed(seed)
-    fm, norm, rw = factory._state_builders(node("feature_map", feature_map, **extra), node("normalizer", normalizer),
-                                           node("reweighting", reweighting, horizon=64), shape)
+    fm, norm, rw, _ = factory._state_builders(node("feature_map", feature_map, **extra), node("normalizer", normalizer),
+                                              node("reweighting", reweighting, horizon=64), None, shape)
     states = LessStates.build(fm, norm, shape["layers"], shape["head_dim"], rw).eval()
     if trained:
         for state in states:
@@ -74,13 +74,19 @@ def ids(n=40, batch=1, seed=0):
 def test_every_state_agrees_between_parallel_form_and_cache(family, policy, combo, one_thread):
     """Token by token and in chunks of 5 (chunked prefill), with a state that changes the output."""
     model, _ = tiny(family)
+    assert_cache_matches_parallel(model, POLICIES[policy], None, make_states(model, *combo))
+
+
+def assert_cache_matches_parallel(model, make_policy, before, states) -> None:
+    """``states`` change the parallel form's output (against ``before``), and the real cache, token by
+    token and in chunks of 5 (chunked prefill), gives the parallel form's logits."""
     x = ids()
     with torch.no_grad():
-        build(model, POLICIES[policy](), None)
-        plain = model(x, use_cache=False).logits
-        build(model, POLICIES[policy](), make_states(model, *combo))
+        build(model, make_policy(), before)
+        reference = model(x, use_cache=False).logits
+        build(model, make_policy(), states)
         less = model(x, use_cache=False).logits
-    assert (less - plain).abs().max() > 1e-3, "the state must change the output for this test to mean anything"
+    assert (less - reference).abs().max() > 1e-3, "the state must change the output for this test to mean anything"
     assert max_abs_logit_diff(model, x, prefill=9) < 1e-3
     assert max_abs_logit_diff(model, x, prefill=9, chunk=5) < 1e-3
 
@@ -177,8 +183,8 @@ def test_parallel_readout_equals_float64_reference(combo, policy):
     shape = {"layers": 1, "heads": H, "kv_heads": Hkv, "head_dim": d}
     extra = {"key_scale_init": 1.0, "dropout": 0.0, "hidden": 16, "features": 6 if fm_name != "dijiang" else 6}
     torch.manual_seed(0)
-    fm, norm, rw = factory._state_builders(node("feature_map", fm_name, **extra), node("normalizer", norm_name),
-                                           node("reweighting", rw_name, horizon=S), shape)
+    fm, norm, rw, _ = factory._state_builders(node("feature_map", fm_name, **extra), node("normalizer", norm_name),
+                                              node("reweighting", rw_name, horizon=S), None, shape)
     state = LessState(fm(), norm(), d, rw() if rw else None)
     if hasattr(state.normalizer, "mix"):
         state.normalizer.mix.data.fill_(0.7)
@@ -239,8 +245,8 @@ def test_sizes_of_every_state(name, features, rw_norm):
     feats = None if name == "elu1-null" else features
     name = name.split("-")[0]
     shape = {"layers": 30, "heads": H, "kv_heads": Hkv, "head_dim": d}
-    fm, norm, rw = factory._state_builders(node("feature_map", name, features=feats), node("normalizer", norm_name),
-                                           node("reweighting", rw_name, hidden=hidden), shape)
+    fm, norm, rw, _ = factory._state_builders(node("feature_map", name, features=feats), node("normalizer", norm_name),
+                                              node("reweighting", rw_name, hidden=hidden), None, shape)
     state = LessState(fm(), norm(), d, rw() if rw else None)
     D, params = _expected(name, feats, H, Hkv, d)
     if rw_name != "none":
@@ -276,7 +282,12 @@ def test_untrained_state_gives_the_plain_policy(combo):
 def test_8k_tokens_stay_finite_in_half_precision(dtype, combo, one_thread):
     """8192 tokens through the real cache in chunks of 1024, states at unit key scale (large sums)."""
     model, _ = tiny(dtype=dtype, max_length=8192)
-    build(model, Sink(sink=4, recent=60), make_states(model, *combo))
+    stream_8k_tokens(model, make_states(model, *combo))
+
+
+def stream_8k_tokens(model, states) -> LessCache:
+    """Run 8192 tokens through the real cache (sink 4+60) in chunks of 1024; every logit and state finite."""
+    build(model, Sink(sink=4, recent=60), states)
     x = ids(8192, seed=1)
     cache = LessCache(model)
     with torch.no_grad():
@@ -284,6 +295,7 @@ def test_8k_tokens_stay_finite_in_half_precision(dtype, combo, one_thread):
             logits = model(x[:, start:start + 1024], **cache_kwargs(cache), use_cache=True).logits
             assert torch.isfinite(logits).all(), f"non-finite logits in tokens {start}-{start + 1024}"
     assert all(torch.isfinite(layer.state).all() for layer in cache.layers)
+    return cache
 
 
 # ------------------------------------------------------------------ config-time refusals

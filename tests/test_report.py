@@ -151,6 +151,8 @@ def test_method_label_names_the_state(tmp_path):
     assert report.method_label(_config("perplexity", "sink", checkpoint="gone"), "sink") == "sink+state(ckpt)"
     odd = {**_config("perplexity", "h2o", "less_mlp"), "gating": {"name": "scalar"}}
     assert report.method_label(odd, "h2o") == "h2o+less_mlp[gating=scalar]"
+    learned = {**_config("perplexity", "h2o", "less_mlp"), "gating": {"name": "decay", "learned": True}}
+    assert report.method_label(learned, "h2o") == "h2o+less_mlp[gating=decay(learned)]"
     assert report.method_label(_config("perplexity", "h2o", "less_mlp", "ckpt/h2o"), "h2o", loads_checkpoint=False) == "h2o+less_mlp"
 
 

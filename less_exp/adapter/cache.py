@@ -44,6 +44,7 @@ class LessCacheLayer(CacheLayerMixin):
         self.seen = 0
         self.decoding = False
         self.state = None
+        self.ages = None  # a gated state's per-slot running log-gates, relative to the last step (<= 0)
         self._pending = None
 
     # -- CacheLayerMixin --------------------------------------------------------------------
@@ -69,7 +70,7 @@ class LessCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    _PER_ROW = ("keys", "values", "present", "logical", "scores", "state", "count")
+    _PER_ROW = ("keys", "values", "present", "logical", "scores", "ages", "state", "count")
 
     def _map_rows(self, fn) -> None:
         for name in self._PER_ROW:
@@ -88,7 +89,7 @@ class LessCacheLayer(CacheLayerMixin):
         self._map_rows(lambda t: t[indices])
 
     def reset(self) -> None:
-        self.keys = self.values = self.state = self._pending = None
+        self.keys = self.values = self.state = self.ages = self._pending = None
         self.seen, self.decoding, self.is_initialized = 0, False, False
 
     # -- prefill ------------------------------------------------------------------------------
@@ -98,14 +99,15 @@ class LessCacheLayer(CacheLayerMixin):
         sched = prefill.schedule
         self.count = sched.count
         self.state = prefill.state
-        self._compact(key, value, sched.present, sched.logical, sched.scores)
+        self._compact(key, value, sched.present, sched.logical, sched.scores, prefill.ages)
         self.decoding = True
 
-    def _compact(self, keys, values, present, logical, scores) -> None:
+    def _compact(self, keys, values, present, logical, scores, ages=None) -> None:
         """Store the present tokens in logical order in ``capacity + 1`` slots (the last one is the
         landing slot), as :meth:`EvictionPolicy.schedule` expects them."""
         if self.budget.capacity is None:
             self.keys, self.values, self.present, self.logical, self.scores = keys, values, present, logical, scores
+            self.ages = ages
             return
         B, Hkv, S, d = keys.shape
         slots = self.budget.capacity + 1
@@ -122,6 +124,10 @@ class LessCacheLayer(CacheLayerMixin):
         self.present[..., :kept] = present.gather(2, order)
         self.logical[..., :kept] = logical.gather(2, order)
         self.scores[..., :kept] = scores.gather(2, order)
+        self.ages = None
+        if ages is not None:
+            self.ages = ages.new_zeros(B, Hkv, slots, ages.shape[-1])
+            self.ages[..., :kept, :] = ages.gather(2, order[..., None].expand(-1, -1, -1, ages.shape[-1]))
 
     # -- decoding -----------------------------------------------------------------------------
     def attend(self, query: torch.Tensor, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -153,8 +159,12 @@ class LessCacheLayer(CacheLayerMixin):
         if self.less is not None:
             ev = torch.where(evict, victim, -1)[..., None]
             q_pos, s_pos = stream_positions(self.logical, ev, 1)
+            gates = self.less.gates(value, arrive[:, None], ev, None if self.ages is None else self.ages[..., :-1, :])
             out, self.state = self.less.attend(query, gather_stream(self.keys, ev), gather_stream(self.values, ev),
-                                               ev >= 0, out, lse, initial=self.state, query_pos=q_pos, stream_pos=s_pos)
+                                               ev >= 0, out, lse, initial=self.state, query_pos=q_pos, stream_pos=s_pos,
+                                               gates=gates)
+            if gates is not None:
+                self.ages = gates.ages
         if self.policy.uses_scores:
             new = self.policy.accumulate(self.scores, probs.sum(2)[:, :, 0])
             self.scores = torch.where(here[..., None], new, self.scores)
@@ -167,6 +177,9 @@ class LessCacheLayer(CacheLayerMixin):
         for name in ("present", "logical", "scores"):
             buf = getattr(self, name)
             buf.scatter_(2, target, buf[..., -1:].clone())
+        if self.ages is not None:
+            width = self.ages.shape[-1]
+            self.ages.scatter_(2, target[..., None].expand(-1, -1, -1, width), self.ages[..., -1:, :].clone())
         self.present[..., -1] = False
         self.count = self.count + arrive.long()
         return out.reshape(B, -1, 1, key.shape[-1])
@@ -176,20 +189,23 @@ class LessCacheLayer(CacheLayerMixin):
         step rule token by token over slots + chunk, exactly as if they had come one at a time."""
         B, Hkv, c, d = key.shape
         if self.budget.capacity is not None:  # decoding leaves the slots unordered
-            self._compact(self.keys, self.values, self.present, self.logical, self.scores)
+            self._compact(self.keys, self.values, self.present, self.logical, self.scores, self.ages)
         keys = torch.cat([self.keys, key], dim=-2)
         values = torch.cat([self.values, value], dim=-2)
         logits = attention_logits(query, keys, scaling)
         slots = (self.present, self.logical, self.scores, self.count)
         sched = self.policy.schedule(self.budget, arrive, Hkv, logits if self.policy.uses_scores else None, slots)
         out, lse, _ = sparse_attention(logits, sched.keep, values)
+        ages = None
         if self.less is not None:
             ev = sched.evicted
             q_pos, s_pos = stream_positions(sched.logical, ev, c)
+            gates = self.less.gates(value, arrive, ev, self.ages)
             out, self.state = self.less.attend(query, gather_stream(keys, ev), gather_stream(values, ev), ev >= 0,
                                                out, lse, initial=self.state, chunk_size=self.comp.chunk_size,
-                                               query_pos=q_pos, stream_pos=s_pos)
-        self._compact(keys, values, sched.present, sched.logical, sched.scores)
+                                               query_pos=q_pos, stream_pos=s_pos, gates=gates)
+            ages = None if gates is None else gates.ages
+        self._compact(keys, values, sched.present, sched.logical, sched.scores, ages)
         self.count = sched.count
         return out.reshape(B, -1, c, d)
 
@@ -204,7 +220,7 @@ class LessCacheLayer(CacheLayerMixin):
         return {
             "kv": size(self.keys, self.values),
             "state": size(self.state),
-            "bookkeeping": size(self.present, self.logical, self.scores),
+            "bookkeeping": size(self.present, self.logical, self.scores, self.ages),
         }
 
 

@@ -21,11 +21,13 @@ _BY_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, Compression]" = weakref.W
 
 @dataclass(frozen=True)
 class Prefill:
-    """What a cache needs to continue from a parallel prefill: the budget, the schedule, the final state."""
+    """What a cache needs to continue from a parallel prefill: the budget, the schedule, the final state
+    and, for a gated state, every token's age (its running log-gate relative to the last step)."""
 
     budget: Budget
     schedule: Schedule
     state: torch.Tensor | None
+    ages: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,13 +77,14 @@ class Compression:
         logits = attention_logits(query, key, scaling)
         sched = self.schedule(budget, valid, logits)
         out, lse, _ = sparse_attention(logits, sched.keep, value)
-        state, final = self.state(layer_idx), None
+        state, final, gates = self.state(layer_idx), None, None
         if state is not None:
             ev = sched.evicted
             q_pos, s_pos = stream_positions(sched.logical, ev, S)
+            gates = state.gates(value, valid, ev)
             out, final = state.attend(query, gather_stream(key, ev), gather_stream(value, ev), ev >= 0, out, lse,
-                                      chunk_size=self.chunk_size, query_pos=q_pos, stream_pos=s_pos)
-        return out.reshape(B, H, S, d), Prefill(budget, sched, final)
+                                      chunk_size=self.chunk_size, query_pos=q_pos, stream_pos=s_pos, gates=gates)
+        return out.reshape(B, H, S, d), Prefill(budget, sched, final, None if gates is None else gates.ages)
 
     def describe(self, length: int) -> dict:
         budget = self.budget(length)

@@ -2,6 +2,7 @@
 state part as a causal linear attention over the evicted stream (parallel, chunked, recurrent), the
 joint normaliser, and float64 references in ``naive``. Nothing here knows about modules or models."""
 
+from less_exp.ops.gates import stream_log_weights
 from less_exp.ops.linear_attention import (
     chunk_linear_attention,
     gather_stream,
@@ -23,5 +24,6 @@ __all__ = [
     "parallel_linear_attention",
     "recurrent_linear_attention",
     "sparse_attention",
+    "stream_log_weights",
     "stream_positions",
 ]

@@ -35,31 +35,35 @@ def naive_linear_attention(phi, psi, value, initial=None, g=None):
 
 
 @torch.no_grad()
-def naive_less_attention(query, key, value, keep, scaling, phi=None, psi=None, valid=None) -> torch.Tensor:
+def naive_less_attention(query, key, value, keep, scaling, phi=None, psi=None, valid=None, g=None) -> torch.Tensor:
     """``o_t = (A_t + phi(q_t)^T H_t) / (B_t + phi(q_t)^T z_t)`` with explicit kept and evicted sets.
 
     ``keep [B, Hkv, S, S]``; ``phi [B, H, S, D']`` and ``psi [B, Hkv, S, D']`` are the state's features
-    (None for the plain policy); ``valid [B, S]`` False at padding, which is never evicted.
+    (None for the plain policy); ``valid [B, S]`` False at padding, which is never evicted. ``g [B, Hkv,
+    S, 1 or D']``: every token's log-gate; an evicted ``s`` then counts at ``t`` with ``exp(G_t - G_s)``
+    (per feature), ``G`` the running sum of ``g`` over the tokens.
     Returns ``[B, H, S, d]`` float64.
     """
     B, Hq, S, d = query.shape
     Hkv = key.shape[1]
     group = Hq // Hkv
     out = torch.zeros(B, Hq, S, d, dtype=torch.float64)
+    G = None if g is None else g.double().cumsum(2)
     for b in range(B):
         for h in range(Hq):
-            g = h // group
+            kv = h // group
             for t in range(S):
-                kept = [s for s in range(t + 1) if keep[b, g, t, s]]
-                evicted = [s for s in range(t + 1) if not keep[b, g, t, s] and (valid is None or valid[b, s])]
-                scores = torch.stack([(query[b, h, t].double() @ key[b, g, s].double()) * scaling for s in kept])
+                kept = [s for s in range(t + 1) if keep[b, kv, t, s]]
+                evicted = [s for s in range(t + 1) if not keep[b, kv, t, s] and (valid is None or valid[b, s])]
+                scores = torch.stack([(query[b, h, t].double() @ key[b, kv, s].double()) * scaling for s in kept])
                 m = scores.max()
                 weights = (scores - m).exp()
-                A = (weights[:, None] * value[b, g, kept].double()).sum(0)
+                A = (weights[:, None] * value[b, kv, kept].double()).sum(0)
                 Bt = weights.sum()
                 if phi is not None and evicted:
-                    Ht = sum(torch.outer(psi[b, g, s].double(), value[b, g, s].double()) for s in evicted)
-                    zt = sum(psi[b, g, s].double() for s in evicted)
+                    w = [1.0 if G is None else (G[b, kv, t] - G[b, kv, s]).exp() for s in evicted]
+                    Ht = sum(torch.outer(psi[b, kv, s].double() * w_s, value[b, kv, s].double()) for s, w_s in zip(evicted, w))
+                    zt = sum(psi[b, kv, s].double() * w_s for s, w_s in zip(evicted, w))
                     A = A + torch.exp(-m) * (phi[b, h, t].double() @ Ht)
                     Bt = Bt + torch.exp(-m) * (phi[b, h, t].double() @ zt)
                 out[b, h, t] = A / Bt

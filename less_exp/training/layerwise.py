@@ -128,7 +128,8 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
         }
         record_dir = Path(t.record_dir)
         chunk = t.layers_per_recording or len(todo)
-        fit = LayerFit(policy, budget, plus, plus_budget, t, cfg.seed, device, root, tracker, head)
+        fit = LayerFit(policy, budget, plus, plus_budget, t, cfg.seed, device, root, tracker, head,
+                       chunk_size=int(cfg.gating.get("chunk_size", 64)))
         with tqdm(total=len(todo), desc="layers", unit="layer") as bar:
             for first in range(0, len(todo), chunk):
                 group = todo[first : first + chunk]
@@ -188,10 +189,10 @@ class LayerFit:
     """
 
     def __init__(self, policy, budget: Budget, plus, plus_budget: Budget, t, seed, device, root: Path, tracker: Tracker,
-                 head: dict):
+                 head: dict, chunk_size: int = 64):
         self.policy, self.budget, self.plus, self.plus_budget = policy, budget, plus, plus_budget
         self.t, self.seed, self.device, self.root, self.tracker = t, seed, device, Path(root), tracker
-        self.head = head
+        self.head, self.chunk_size = head, chunk_size
         self._unscored: dict = {}
 
     # -------------------------------------------------------------- preparation
@@ -216,7 +217,8 @@ class LayerFit:
                 sums["count"] += count
             q_pos, s_pos = stream_positions(sched.logical, ev, q.shape[-2])
             item = {"q": q, "stream_k": gather_stream(k, ev), "stream_v": gather_stream(v, ev), "has": ev >= 0,
-                    "o": o, "o_sparse": o_sparse, "lse": lse, "mask": mask, "q_pos": q_pos, "s_pos": s_pos}
+                    "o": o, "o_sparse": o_sparse, "lse": lse, "mask": mask, "q_pos": q_pos, "s_pos": s_pos,
+                    "v": v, "evicted": ev}  # what a gating reads
             item = {name: x[0].cpu() for name, x in item.items()}
             out = path.with_name(f"prepared_{path.name}")
             record.save_atomic(item, out)
@@ -255,8 +257,9 @@ class LayerFit:
 
     def _error(self, state: LessState, o_proj, batch: dict) -> tuple[torch.Tensor, int]:
         b = batch
+        gates = state.gates(b["v"], None, b["evicted"])
         out, _ = state.attend(b["q"], b["stream_k"], b["stream_v"], b["has"], b["o_sparse"], b["lse"],
-                              query_pos=b["q_pos"], stream_pos=b["s_pos"])
+                              chunk_size=self.chunk_size, query_pos=b["q_pos"], stream_pos=b["s_pos"], gates=gates)
         return masked_sq_error(self._project(o_proj, out), b["o"], b["mask"])
 
     @torch.no_grad()
