@@ -36,7 +36,11 @@ TRAIN = "train"
 SUMMARY_KEYS = ("policy", "budget", "sink", "heavy", "recent", "state_token_equivalents")
 STATE_DEFAULTS = {"gating": "none", "reweighting": "none", "normalizer": "joint"}
 HARNESS_COLUMNS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
-ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "num_samples", "num_skipped")
+ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "repeated_3gram_share", "longest_repeat", "words", "*_vs_plain*",
+                 "paired_samples", "num_samples", "num_skipped")
+# Per-sample metrics that summarization runs compare with the plain policy on the same samples.
+PAIRED_METRICS = ("rouge1", "rougeL", "repeated_3gram_share")
+SAMPLE_ROWS = "summaries.jsonl"
 # Metric columns per task, as fnmatch patterns; a task not listed shows all its scalar metrics.
 TASK_COLUMNS = {
     "perplexity": ("perplexity", "gap_closed", "nll", "word_perplexity", "num_tokens", "state_features",
@@ -47,7 +51,7 @@ TASK_COLUMNS = {
     "cnn_dailymail": ROUGE_COLUMNS,
     "passkey": ("accuracy", "accuracy@*", "num_prompts"),
     "consistency": ("max_abs_logit_diff",),
-    "generate": ("tokens_per_s", "num_prompts", "new_tokens"),
+    "generate": ("tokens_per_s", "num_prompts", "new_tokens", "repeated_3gram_share", "longest_repeat", "words"),
     "bench": ("*/speedup_vs_full", "*/memory_vs_full"),
     TRAIN: ("layers_done", "num_layers", "mean_val_mse", "mean_plain_mse", "mean_baseline_plus_mse"),
 }
@@ -77,6 +81,7 @@ class ReportRun(Run):
     settings: Mapping[str, Any] = field(default_factory=dict)
     status: str = "ok"
     error: str | None = None
+    folder: Path | None = None
 
 
 @dataclass
@@ -128,7 +133,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
     for file, root in find_results(paths):
         try:
             record = json.loads(file.read_text(encoding="utf-8"))
-            runs.append(to_run(record, _run_name(file, root)))
+            runs.append(dataclasses.replace(to_run(record, _run_name(file, root)), folder=file.parent))
         except (OSError, ValueError, TypeError, AttributeError) as err:
             log.warning("skipping %s: %s", file, err)
     return runs
@@ -390,7 +395,7 @@ def make_report(
     if not loaded:
         raise NoResultsError(f"no readable {FILENAME} under {', '.join(map(str, paths))}")
     reasons = [failure(run, metrics) for run in loaded]
-    runs = with_gap_closed([run for run, reason in zip(loaded, reasons) if reason is None])
+    runs = with_paired_differences(with_gap_closed([run for run, reason in zip(loaded, reasons) if reason is None]))
     failed = [(run, reason) for run, reason in zip(loaded, reasons) if reason is not None]
     first = Path(paths[0])
     out = Path(out_dir) if out_dir is not None else (first if first.is_dir() else first.parent) / "report"
@@ -414,27 +419,89 @@ def make_report(
     return report
 
 
-def with_gap_closed(runs: Sequence[ReportRun], metric: str = "perplexity") -> list[ReportRun]:
-    """Runs with ``gap_closed = (plain - x) / (plain - full)`` of ``metric`` added where the report
-    holds the comparable plain run (same model, policy and settings, the largest budget not above this
-    run's: Baseline+ is compared with the policy it grows) and full-cache run (same model and settings).
-    Plain and full runs get none (0 and 1 by definition)."""
-    def key(run):
-        return run.model, run.task, tuple(sorted((k, _hashable(v)) for k, v in run.settings.items()))
+def _comparison_key(run: ReportRun) -> tuple:
+    return run.model, run.task, tuple(sorted((k, _hashable(v)) for k, v in run.settings.items()))
 
-    full = {key(r): r.metrics[metric] for r in runs if r.policy == "full" and _is_number(r.metrics.get(metric))}
+
+def plain_references(runs: Sequence[ReportRun], metric: str):
+    """``run -> the plain run it is compared with, or None``: same model, task, policy and settings, the
+    largest budget not above the run's (so Baseline+ meets the policy it grows); only for runs that are
+    neither plain nor full, and only among plain runs that report ``metric``."""
     plain: dict = defaultdict(list)
     for r in runs:
         if r.policy != "full" and r.method == r.policy and r.budget is not None and _is_number(r.metrics.get(metric)):
-            plain[(*key(r), r.policy)].append(r)
+            plain[(*_comparison_key(r), r.policy)].append(r)
+
+    def reference(run: ReportRun) -> ReportRun | None:
+        if run.method == run.policy or run.policy == "full" or run.budget is None:
+            return None
+        below = [p for p in plain.get((*_comparison_key(run), run.policy), []) if p.budget <= run.budget]
+        return max(below, key=lambda p: p.budget) if below else None
+
+    return reference
+
+
+def with_gap_closed(runs: Sequence[ReportRun], metric: str = "perplexity") -> list[ReportRun]:
+    """Runs with ``gap_closed = (plain - x) / (plain - full)`` of ``metric`` added where the report
+    holds the comparable plain run (:func:`plain_references`) and full-cache run (same model and
+    settings). Plain and full runs get none (0 and 1 by definition)."""
+    full = {_comparison_key(r): r.metrics[metric] for r in runs if r.policy == "full" and _is_number(r.metrics.get(metric))}
+    reference = plain_references(runs, metric)
     out = []
     for run in runs:
-        value, ref = run.metrics.get(metric), full.get(key(run))
-        below = [p for p in plain.get((*key(run), run.policy), []) if run.budget is not None and p.budget <= run.budget]
-        if run.method != run.policy and run.policy != "full" and _is_number(value) and ref is not None and below:
-            base = max(below, key=lambda p: p.budget).metrics[metric]
+        value, ref, plain = run.metrics.get(metric), full.get(_comparison_key(run)), reference(run)
+        if _is_number(value) and ref is not None and plain is not None:
+            base = plain.metrics[metric]
             if base != ref:
                 run = dataclasses.replace(run, metrics={**run.metrics, "gap_closed": (base - value) / (base - ref)})
+        out.append(run)
+    return out
+
+
+def _sample_rows(run: ReportRun) -> dict[int, dict]:
+    """The per-sample rows a summarization run wrote beside its results.json, by sample index."""
+    path = None if run.folder is None else run.folder / SAMPLE_ROWS
+    rows = {}
+    if path is None or not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            rows[int(row["index"])] = row
+        except (ValueError, KeyError, TypeError):
+            continue
+    return rows
+
+
+def paired_difference(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of paired differences (se 0 for a single pair)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def with_paired_differences(runs: Sequence[ReportRun]) -> list[ReportRun]:
+    """Summarization runs with ``<metric>_vs_plain`` and ``<metric>_vs_plain_se``: the mean and standard
+    error of the per-sample differences from the plain run of :func:`plain_references`, over the
+    samples both scored (``paired_samples``). Sampling noise that hides a difference between two run
+    means mostly cancels in paired differences (greedy decoding removes it)."""
+    reference = plain_references(runs, PAIRED_METRICS[0])
+    out = []
+    for run in runs:
+        plain = reference(run)
+        mine = _sample_rows(run) if plain is not None else {}
+        theirs = _sample_rows(plain) if mine else {}
+        common = sorted(set(mine) & set(theirs))
+        if common:
+            extra: dict[str, Any] = {"paired_samples": len(common)}
+            for metric in PAIRED_METRICS:
+                pairs = [(mine[i].get(metric), theirs[i].get(metric)) for i in common]
+                diffs = [a - b for a, b in pairs if _is_number(a) and _is_number(b)]
+                if diffs:
+                    extra[f"{metric}_vs_plain"], extra[f"{metric}_vs_plain_se"] = paired_difference(diffs)
+            run = dataclasses.replace(run, metrics={**run.metrics, **extra})
         out.append(run)
     return out
 

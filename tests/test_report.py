@@ -316,3 +316,35 @@ def test_seeds_apart_unless_averaged(tmp_path, monkeypatch, figures):
     assert report.main([str(tmp_path), "--average-seeds", "--out", str(tmp_path / "averaged")]) == 0
     assert _lines(figures, title) == {"h2o": ([32.0, 64.0], [32.25, 16.625]), "full": ([0.0, 1.0], [10.5, 10.5])}
     assert "| seed |" in (tmp_path / "averaged" / "report.md").read_text()
+
+
+def test_summaries_are_paired_with_the_plain_policy(tmp_path, monkeypatch):
+    """Each state or Baseline+ run gets the mean and standard error of its per-sample differences from
+    the plain run on the samples both scored; the plain and full runs get none."""
+    monkeypatch.setattr(results, "versions", dict)
+    plain_r1 = [0.10, 0.20, 0.30, 0.40, 0.50]
+    less_r1 = [0.15, 0.20, 0.40, 0.40, 0.45, 0.90]  # one sample the plain run lacks
+    runs = [("plain", "none", False, 32, plain_r1), ("less", "less_mlp", False, 32, less_r1),
+            ("plus", "less_mlp", True, 36, plain_r1[:3]), ("full", "none", False, None, plain_r1)]
+    for name, fm, plus, budget, values in runs:
+        policy = "full" if name == "full" else "h2o"
+        folder = tmp_path / name
+        write_results(folder, "eval", {"rouge1": sum(values) / len(values), **_summary(policy, budget)},
+                      {**_config("xsum", policy, fm, baseline_plus=plus), "seed": 0}, 1.0)
+        rows = [{"index": i, "rouge1": v, "rougeL": v / 2, "repeated_3gram_share": 0.1 * (name == "less")}
+                for i, v in enumerate(values)]
+        (folder / "summaries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_name = {run.folder.name: run for run in report.make_report([tmp_path]).runs}
+    diffs = [0.05, 0.0, 0.1, 0.0, -0.05]
+    mean = sum(diffs) / 5
+    se = (sum((d - mean) ** 2 for d in diffs) / 4 / 5) ** 0.5
+    less = by_name["less"].metrics
+    assert less["paired_samples"] == 5
+    assert less["rouge1_vs_plain"] == pytest.approx(mean) and less["rouge1_vs_plain_se"] == pytest.approx(se)
+    assert less["rougeL_vs_plain"] == pytest.approx(mean / 2)
+    assert less["repeated_3gram_share_vs_plain"] == pytest.approx(0.1) and less["repeated_3gram_share_vs_plain_se"] == pytest.approx(0)
+    plus = by_name["plus"].metrics
+    assert plus["paired_samples"] == 3 and plus["rouge1_vs_plain"] == pytest.approx(0)
+    assert "paired_samples" not in by_name["plain"].metrics and "paired_samples" not in by_name["full"].metrics
+    table = _table((tmp_path / "report" / "report.md").read_text(), "xsum")
+    assert "rouge1_vs_plain" in table[0] and "rouge1_vs_plain_se" in table[0]

@@ -41,6 +41,8 @@ def test_scores_batches_and_counts_skipped_prompts(compose_config, tmp_path, art
         assert metrics[metric] == pytest.approx(sum(r[metric] for r in rows) / len(rows))
         assert all(0.0 <= r[metric] <= 1.0 for r in rows)
     assert all("###" not in r["summary"] for r in rows)
+    for metric in ("words", "repeated_3gram_share", "longest_repeat"):  # length and repetition of each output
+        assert metrics[metric] == pytest.approx(sum(r[metric] for r in rows) / len(rows))
     assert metrics["policy"] == "h2o" and metrics["budget"] == 16
 
 

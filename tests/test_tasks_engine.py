@@ -47,6 +47,9 @@ def test_generate_task_writes_generations(compose_config, tmp_path):
     rows = [json.loads(line) for line in Path(tmp_path, "generations.jsonl").read_text().splitlines()]
     assert metrics["num_prompts"] == len(rows) == 2
     assert metrics["new_tokens"] > 0 and all(row["output"] for row in rows)
+    for metric in ("words", "repeated_3gram_share", "longest_repeat"):
+        assert metrics[metric] == pytest.approx(sum(row[metric] for row in rows) / 2)
+    assert all(row["words"] > 0 for row in rows)
 
 
 def test_bench_task_shows_flat_memory_for_the_policy(compose_config):

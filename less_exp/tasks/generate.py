@@ -1,7 +1,8 @@
 """``task=generate``: prompted generation with the real evicting cache (``model.generate``).
 
 Prompts come from ``task.prompts`` (or the first ``task.num_prompts`` records of ``task.prompt_field``
-in the data set); outputs go to ``generations.jsonl`` in the job folder and to a W&B table.
+in the data set); outputs go to ``generations.jsonl`` in the job folder and to a W&B table, each with
+its length and repetition (``tasks.repetition``), whose means are the job's metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from less_exp.adapter import LessCache, cache_kwargs, compression_of
 from less_exp.errors import ConfigError
 from less_exp.runtime import output_dir
 from less_exp.tasks import require_positive
+from less_exp.tasks.repetition import METRICS as REPETITION, repetition
 from less_exp.tracking import Tracker
 
 
@@ -61,11 +63,13 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
         generated = out[:, batch.input_ids.shape[1] :]
         new_tokens += int((generated != tokenizer.pad_token_id).sum())
         for prompt, ids in zip(texts[start : start + task.batch_size], generated):
-            rows.append({"prompt": prompt, "output": tokenizer.decode(ids, skip_special_tokens=True)})
+            output = tokenizer.decode(ids, skip_special_tokens=True)
+            rows.append({"prompt": prompt, "output": output, **repetition(output)})
     with open(output_dir(cfg) / "generations.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     tracker.log_table("generations", ["prompt", "output"], [[r["prompt"], r["output"]] for r in rows])
     for row in rows[:3]:
         print(f"--- {row['prompt']!r}\n{row['output']}")
-    return {"num_prompts": len(rows), "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds}
+    means = {m: sum(r[m] for r in rows) / len(rows) for m in REPETITION}
+    return {"num_prompts": len(rows), "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds, **means}

@@ -3,8 +3,9 @@
 Paper settings by default: the H2O 0-shot prompt (``###\\nArticle: ...\\n\\nSummarize the above article
 in N sentences.\\n``), temperature-0.3 sampling seeded per batch (or ``task.do_sample=false`` for
 greedy), at most 128 new tokens, output cut at ``###``. Prompts that do not fit the model with their
-new tokens are skipped and counted. Scores are ROUGE-1/2/L F-measures (rouge-score, stemmed),
-averaged over the scored samples.
+new tokens are skipped and counted. Scores are ROUGE-1/2/L F-measures (rouge-score, stemmed) and the
+output's length and repetition (``tasks.repetition``), averaged over the scored samples; ``less-report``
+pairs runs on the same samples.
 
 Rows are appended to ``summaries.jsonl`` batch by batch, tagged with a key of everything that shapes
 the output, so a killed job rerun in the same folder continues where it stopped and gives the same
@@ -30,6 +31,7 @@ from less_exp.runtime import output_dir
 from less_exp.tasks import positive_int, require_positive
 from less_exp.adapter import cache_kwargs
 from less_exp.tasks.generate import new_cache
+from less_exp.tasks.repetition import METRICS as REPETITION, repetition
 from less_exp.tracking import Tracker
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
@@ -152,7 +154,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
                 summary = cut(tokenizer.decode(ids, skip_special_tokens=True), task.stop)
                 scores = scorer.score(records[i]["target"], summary)
                 row = {"index": i, "run_key": key, "prompt_tokens": lengths[i], "summary": summary, "target": records[i]["target"],
-                       **{m: scores[m].fmeasure for m in ROUGE}}
+                       **{m: scores[m].fmeasure for m in ROUGE}, **repetition(summary)}
                 sink.write(json.dumps(row) + "\n")
                 rows[i] = row
             sink.flush()
@@ -163,7 +165,9 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
                       [[r["index"], r["summary"], r["target"], *(r[m] for m in ROUGE)] for r in scored[:100]])
     for row in scored[:2]:
         print(f"--- [{row['index']}] {row['summary']!r}\n    reference: {row['target']!r}")
-    metrics = {m: _mean(rows, m) for m in ROUGE}
+    for row in scored:  # rows written before repetition was measured get it now
+        row.update(repetition(row["summary"]))
+    metrics = {m: _mean(rows, m) for m in (*ROUGE, *REPETITION)}
     metrics.update(num_samples=len(scored), num_skipped=skipped,
                    mean_prompt_tokens=sum(lengths.values()) / max(len(lengths), 1))
     if seconds:
