@@ -82,6 +82,7 @@ CASES = [
     ("output-is-a-file", [*EVAL, "hydra.run.dir={tmp}/afile/run"], {"afile": "x"}, 2, r"cannot create folders in .*afile"),
     ("training-mode", [*TRAIN, "training.mode=qat"], {}, 2, r"training\.mode"),
     ("training-epochs", [*TRAIN, "training.epochs=0"], {}, 2, r"training\.epochs"),
+    ("training-gate-lr", [*TRAIN, "training.gate_lr=0"], {}, 2, r"training\.gate_lr=0 must be a number > 0"),
     ("training-val-fraction", [*TRAIN, "training.val_fraction=0"], {}, 2, r"val_fraction"),
     ("training-record-dtype", [*TRAIN, "training.record_dtype=int8"], {}, 2, r"record_dtype"),
     ("training-no-state", [*TRAIN, "feature_map=none"], {}, 2, r"feature_map"),

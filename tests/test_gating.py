@@ -241,3 +241,19 @@ def test_training_moves_the_gates_and_the_checkpoint_carries_them(gating, compos
     other = "scalar_gate" if name != "scalar_gate" else "vector_gate"
     with pytest.raises(ConfigError, match=f"holds gating={name}, but this run sets gating={other}"):
         eval_job.evaluate(compose_config("eval", [*TINY_EVAL, f"checkpoint={ckpt}", f"gating={other}"]))
+
+
+def test_gates_and_scales_get_their_own_learning_rates():
+    from omegaconf import OmegaConf
+
+    from less_exp.training.layerwise import param_groups
+
+    state = make_states(tiny()[0], "elu1", "scalar_gate", trained=False, features=8)[0]
+    ids_of = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    by_name = dict(state.named_parameters())
+    one = param_groups(state, OmegaConf.create({"scale_lr": None, "gate_lr": None}))
+    assert len(one) == 1 and ids_of(one[0]) == {id(p) for p in by_name.values()}
+    rest, scales, gates = param_groups(state, OmegaConf.create({"scale_lr": 0.1, "gate_lr": 0.3}))
+    assert ids_of(gates) == {id(by_name["gating.weight"]), id(by_name["gating.bias"])} and gates["lr"] == 0.3
+    assert ids_of(scales) == {id(by_name["feature_map.log_key_scale"])} and scales["lr"] == 0.1
+    assert len(ids_of(rest)) == len(by_name) - 3 and "lr" not in rest

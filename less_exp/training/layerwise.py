@@ -64,9 +64,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"training.val_fraction={t.val_fraction} must be in (0, 1)")
     if not float(t.lr) > 0 or not 0 < float(t.lr_gamma) <= 1 or float(t.weight_decay) < 0:
         raise ConfigError(f"training.lr={t.lr} must be > 0, lr_gamma={t.lr_gamma} in (0, 1], weight_decay >= 0")
-    scale_lr = t.get("scale_lr")
-    if scale_lr is not None and (isinstance(scale_lr, bool) or not isinstance(scale_lr, (int, float)) or scale_lr <= 0):
-        raise ConfigError(f"training.scale_lr={scale_lr!r} must be a number > 0, or null for training.lr")
+    for key in ("scale_lr", "gate_lr"):
+        value = t.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"training.{key}={value!r} must be a number > 0, or null for training.lr")
     if t.record_dtype not in DTYPES:
         raise ConfigError(f"training.record_dtype={t.record_dtype!r} is not one of {sorted(DTYPES)}")
     if t.layers_per_recording is not None and (not isinstance(t.layers_per_recording, int) or t.layers_per_recording < 1):
@@ -150,17 +151,25 @@ SCALE_PARAMETERS = ("log_key_scale", "mix")
 
 
 def param_groups(state: torch.nn.Module, t: DictConfig) -> list[dict]:
-    """The state's parameters for Adam; its scales (the key's log-scale, a normaliser's mix) at
-    ``training.scale_lr`` when set. They start near 0 for the plain start, and a map whose only weight
-    is its key scale (performer, dijiang) must move it by several nats, which Adam does at about
-    ``lr`` a step."""
-    scale_lr = t.get("scale_lr")
+    """The state's parameters for Adam: its scales (the key's log-scale, a normaliser's mix) at
+    ``training.scale_lr`` and its gating at ``training.gate_lr`` when set, the rest at ``lr``. Scales
+    and gates start saturated for the plain start (a scale near 0, a gate near 1) and must move by
+    nats, which Adam does at about its lr a step: a short schedule needs a larger lr for them."""
     params = [(n, p) for n, p in state.named_parameters() if p.requires_grad]
-    if scale_lr is None:
-        return [{"params": [p for _, p in params]}]
-    scales = [p for n, p in params if n.rsplit(".", 1)[-1] in SCALE_PARAMETERS]
-    rest = [p for n, p in params if n.rsplit(".", 1)[-1] not in SCALE_PARAMETERS]
-    return [g for g in ({"params": rest}, {"params": scales, "lr": float(scale_lr)}) if g["params"]]
+
+    def kind(name: str) -> str:
+        if name.startswith("gating.") and t.get("gate_lr") is not None:
+            return "gate_lr"
+        if name.rsplit(".", 1)[-1] in SCALE_PARAMETERS and t.get("scale_lr") is not None:
+            return "scale_lr"
+        return "lr"
+
+    groups = []
+    for key in ("lr", "scale_lr", "gate_lr"):
+        chosen = [p for n, p in params if kind(n) == key]
+        if chosen:
+            groups.append({"params": chosen} if key == "lr" else {"params": chosen, "lr": float(t[key])})
+    return groups
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
