@@ -23,6 +23,7 @@ from less_exp.results import Run
 log = logging.getLogger(__name__)
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LEGEND_INSIDE = 8  # lines a single plot keeps its legend inside the axes for
 Settings = tuple[tuple[str, str], ...]
 
 
@@ -74,27 +75,44 @@ def metric_plots(
                     line_of[label] = run.method, tag[id(run)]
             if not lines:
                 continue
+            panels = sorted({_panel(line_of[label][0]) for label in lines})
+            many = len(panels) > 1 or len(lines) > LEGEND_INSIDE
             figure = _figure()
-            axes = figure.subplots()
-            if all(len(points) == 1 for points in lines.values()):
-                _bars(axes, lines)
-            else:
-                methods = sorted({method for method, _ in line_of.values()})
-                for label in sorted(lines):
-                    method, line_tag = line_of[label]
-                    style = {"marker": MARKERS[methods.index(method) % len(MARKERS)], "color": colours[line_tag]} if split else {"marker": "o"}
-                    sizes = sorted(lines[label])
-                    axes.plot(sizes, [mean(lines[label][b]) for b in sizes], label=label, **style)
-                axes.set(xlabel="memory (tokens: budget + state token-equivalents)")
-            for full_tag in sorted(full):
-                axes.axhline(mean(full[full_tag]), linestyle="--", color=colours.get(full_tag, "black"), label=_label("full", full_tag))
-            axes.set(ylabel=metric, title=f"{model} · {task} · {metric}")
-            axes.grid(alpha=0.3)
-            if axes.get_legend_handles_labels()[0]:
-                axes.legend(fontsize="small")
+            if many:  # a panel per policy, legends below: a sweep's dozens of lines stay readable
+                rows = max(sum(1 for label in lines if _panel(line_of[label][0]) == p) for p in panels)
+                figure.set_size_inches(max(6.4, 4.6 * len(panels)), 4.4 + 0.19 * (rows + len(full)))
+            grid = figure.subplots(1, len(panels), squeeze=False)[0] if many else [figure.subplots()]
+            for axes, panel in zip(grid, panels if many else [None]):
+                mine = {label: points for label, points in lines.items() if panel is None or _panel(line_of[label][0]) == panel}
+                if all(len(points) == 1 for points in mine.values()):
+                    _bars(axes, mine)
+                else:
+                    methods = sorted({method for method, _ in line_of.values()})
+                    for i, label in enumerate(sorted(mine)):
+                        method, line_tag = line_of[label]
+                        style = ({"marker": MARKERS[methods.index(method) % len(MARKERS)], "color": colours[line_tag]} if split
+                                 else {"marker": MARKERS[(i // 10) % len(MARKERS)], "color": f"C{i % 10}"})
+                        sizes = sorted(mine[label])
+                        axes.plot(sizes, [mean(mine[label][b]) for b in sizes], label=label, **style)
+                    axes.set(xlabel="memory (tokens: budget + state token-equivalents)")
+                for full_tag in sorted(full):
+                    axes.axhline(mean(full[full_tag]), linestyle="--", color=colours.get(full_tag, "black"),
+                                 label=_label("full", full_tag))
+                axes.set(ylabel=metric, title=f"{model} · {task} · {metric}" + (f" · {panel}" if panel else ""))
+                axes.grid(alpha=0.3)
+                if axes.get_legend_handles_labels()[0]:
+                    if many:
+                        axes.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=1)
+                    else:
+                        axes.legend(fontsize="small")
             caption = f"{metric} versus memory, {model}, {task}" + (f", apart by {', '.join(split)}" if split else "")
             plots.append(_save(figure, _unique(out / f"{_slug(model, task, metric)}.png", taken), task, caption))
     return plots
+
+
+def _panel(method: str) -> str:
+    """The policy a method label starts with (``h2o+less_mlp[...]`` -> ``h2o``)."""
+    return method.split("+")[0].split("(")[0]
 
 
 def _varying(all_settings: Sequence[Settings]) -> list[str]:

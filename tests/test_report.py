@@ -123,7 +123,8 @@ def test_report_tables_plots_and_heatmaps(sweep, caplog):
     ]
     for png in rep.plots + rep.heatmaps:
         image = imread(png)
-        assert image.shape == (440, 640, 4) and image.std() > 0.01
+        two_panels = png.name == "tiny_llama_perplexity_perplexity.png"  # h2o and sink: a panel each, legends below
+        assert image.shape[1:] == ((920, 4) if two_panels else (640, 4)) and image.shape[0] >= 440 and image.std() > 0.01
         assert f"]({png.name})" in rep.markdown
 
 
@@ -215,9 +216,11 @@ def figures(monkeypatch):
 
 
 def _lines(figures, title: str) -> dict[str, tuple[list[float], list[float]]]:
-    """``{label: (x, y)}`` of the lines in the one figure titled ``title`` (full-cache lines span x 0..1)."""
-    (axes,) = [f.axes[0] for f in figures if f.axes and f.axes[0].get_title() == title]
-    return {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata()))) for line in axes.get_lines()}
+    """``{label: (x, y)}`` of the lines in the one figure titled ``title``, over its panels (titled
+    ``title · <policy>`` when it has one per policy; full-cache lines span x 0..1)."""
+    (figure,) = [f for f in figures if f.axes and f.axes[0].get_title().split(" · ")[:3] == title.split(" · ")]
+    return {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
+            for axes in figure.axes for line in axes.get_lines()}
 
 
 def _ppl_config(policy, data="wikitext2", seq_len=1024, seed=0, batch_size=1):
@@ -261,6 +264,11 @@ def test_failed_and_non_finite_runs_are_listed_apart(sweep, figures, capsys):
 
     h2o = _lines(figures, "tiny_llama · perplexity · perplexity")["h2o"]
     assert h2o == ([32.0, 64.0, 128.0], [341.0, 320.25, 310.0])
+    (panels,) = [f.axes for f in figures if f.axes and f.axes[0].get_title().startswith("tiny_llama · perplexity")]
+    h2o_panel, sink_panel = panels  # a panel per policy, each with only its own runs and the full cache
+    assert h2o_panel.get_title().endswith("· h2o") and sink_panel.get_title().endswith("· sink")
+    assert {line.get_label().split("+")[0].split("(")[0] for line in h2o_panel.get_lines()} == {"h2o", "full"}
+    assert [t.get_text().split("\n")[0] for t in sink_panel.get_xticklabels()] == ["sink"]  # one budget: a bar
     passkey = _lines(figures, "tiny_llama · passkey · accuracy")
     assert sorted(passkey) == ["full"] and len(rep.heatmaps) == 3
 

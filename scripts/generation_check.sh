@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The generation check: greedy XSum with the real evicting cache, each trained state paired with the
+# plain policy on the same articles (less-report: <metric>_vs_plain and its standard error for ROUGE-1,
+# ROUGE-L and the repeated 3-gram share), beside Baseline+ and the full cache.
+#
+#   POLICY=sink CHECKPOINTS="outputs/a/checkpoint gated=outputs/b/checkpoint" N=200 scripts/generation_check.sh
+#
+# POLICY is the policy the checkpoints were trained with, at its preset budget (POLICY_ARGS adds
+# overrides, e.g. "policy.recent=100"); N articles from ../shared/data/xsum (the longest prompt is
+# printed by less-report as mean_prompt_tokens and in each summaries.jsonl row as prompt_tokens).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/generation_check}
+POLICY=${POLICY:-sink}
+N=${N:-200}
+read -ra POLICY_ARGS <<< "${POLICY_ARGS:-}"
+read -ra CHECKPOINT_LIST <<< "${CHECKPOINTS:-}"
+EVAL=(${LESS_EVAL:-.venv/bin/less-eval} model=smollm2_135m "logger=${LOGGER:-none}" task=xsum task.do_sample=false
+      "task.num_samples=$N")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+"${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "hydra.run.dir=$OUT/plain"
+for entry in "${CHECKPOINT_LIST[@]}"; do  # NAME=PATH, or PATH (named by its folder, or its job's for .../checkpoint)
+  ckpt=${entry#*=}
+  name=${entry%%=*}
+  if [ "$name" = "$entry" ]; then
+    name=$(basename "$ckpt")
+    [ "$name" = checkpoint ] && name=$(basename "$(dirname "$ckpt")")
+  fi
+  "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "checkpoint=$ckpt" "hydra.run.dir=$OUT/$name"
+done
+if [ "${BASELINE_PLUS:-1}" = 1 ]; then
+  "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" feature_map=less_mlp policy.baseline_plus=true "hydra.run.dir=$OUT/baseline_plus"
+fi
+[ "${FULL:-1}" = 1 ] && "${EVAL[@]}" policy=full "hydra.run.dir=$OUT/full"
+${LESS_REPORT:-.venv/bin/less-report} "$OUT" --out "$OUT/report"
