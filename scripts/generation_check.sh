@@ -20,14 +20,14 @@ EVAL=(${LESS_EVAL:-.venv/bin/less-eval} model=smollm2_135m "logger=${LOGGER:-non
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "hydra.run.dir=$OUT/plain"
-for entry in "${CHECKPOINT_LIST[@]}"; do  # NAME=PATH, or PATH (named by its folder, or its job's for .../checkpoint)
+for entry in "${CHECKPOINT_LIST[@]}"; do  # NAME=PATH (needed when PATH holds '=', as sweep folders do), or PATH (named by its folder, or its job's for .../checkpoint)
   ckpt=${entry#*=}
   name=${entry%%=*}
   if [ "$name" = "$entry" ]; then
     name=$(basename "$ckpt")
     [ "$name" = checkpoint ] && name=$(basename "$(dirname "$ckpt")")
   fi
-  "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "checkpoint=$ckpt" "hydra.run.dir=$OUT/$name"
+  "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "checkpoint='$ckpt'" "hydra.run.dir=$OUT/$name"
 done
 if [ "${BASELINE_PLUS:-1}" = 1 ]; then
   "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" feature_map=less_mlp policy.baseline_plus=true "hydra.run.dir=$OUT/baseline_plus"
