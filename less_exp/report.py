@@ -256,34 +256,42 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
 
     A state config other than the defaults (gating, re-weighting none; normaliser joint) is
     added in brackets; ``(ckpt)`` marks states loaded from ``checkpoint`` (``loads_checkpoint``
-    is false for train jobs, whose checkpoint is their output). A checkpoint run that left
-    ``feature_map=none`` is named by the checkpoint's manifest when it can be read.
+    is false for train jobs, whose checkpoint is their output). A checkpoint run names the
+    components the checkpoint brought (its manifest's feature map, gating, re-weighting and
+    normaliser, where the run left them at their defaults) when the manifest can be read.
     """
     if policy == "full":
         return "full"
     if (config.get("policy") or {}).get("baseline_plus"):
         return f"{policy}(baseline+)"
-    feature_map = _name(config, "feature_map")
     checkpoint = config.get("checkpoint") if loads_checkpoint else None
+    manifest = _checkpoint_manifest(config, checkpoint) if checkpoint else {}
+    feature_map = _name(config, "feature_map")
     if feature_map == "none" and checkpoint:
-        feature_map = _checkpoint_feature_map(config, checkpoint)
+        feature_map = _name(manifest, "feature_map", "state")
     if feature_map == "none":
         return policy
-    others = [f"{group}={name}" for group, default in STATE_DEFAULTS.items() if (name := _name(config, group, default)) != default]
-    if (config.get("gating") or {}).get("learned"):
+    names = {group: _name(config, group, default) for group, default in STATE_DEFAULTS.items()}
+    for group, default in STATE_DEFAULTS.items():  # components a checkpoint brought are its own
+        if names[group] == default:
+            names[group] = _name(manifest, group, default)
+    others = [f"{group}={name}" for group, name in names.items() if name != STATE_DEFAULTS[group]]
+    gating = config.get("gating") if _name(config, "gating", "none") != "none" else manifest.get("gating")
+    if isinstance(gating, Mapping) and gating.get("learned"):
         others = [f"{o}(learned)" if o.startswith("gating=") else o for o in others]
     return policy + f"+{feature_map}" + (f"[{','.join(others)}]" if others else "") + ("(ckpt)" if checkpoint else "")
 
 
-def _checkpoint_feature_map(config: Mapping[str, Any], checkpoint: str) -> str:
-    """The feature map a checkpoint brought (the run left ``feature_map=none``), or ``state``."""
+def _checkpoint_manifest(config: Mapping[str, Any], checkpoint: str) -> dict:
+    """The manifest of the checkpoint a run loaded (relative paths from the run's root), or {}."""
     path = Path(checkpoint)
     if not path.is_absolute():
         path = Path((config.get("paths") or {}).get("root_dir") or ".") / path
     try:
-        return json.loads((path / "manifest.json").read_text())["feature_map"]["name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "state"
+        manifest = json.loads((path / "manifest.json").read_text())
+        return manifest if isinstance(manifest, dict) else {}
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _budget(metrics: Mapping[str, Any], config: Mapping[str, Any], policy: str) -> int | None:

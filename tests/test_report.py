@@ -155,6 +155,12 @@ def test_method_label_names_the_state(tmp_path):
     learned = {**_config("perplexity", "h2o", "less_mlp"), "gating": {"name": "decay", "learned": True}}
     assert report.method_label(learned, "h2o") == "h2o+less_mlp[gating=decay(learned)]"
     assert report.method_label(_config("perplexity", "h2o", "less_mlp", "ckpt/h2o"), "h2o", loads_checkpoint=False) == "h2o+less_mlp"
+    (tmp_path / "gated").mkdir()  # a checkpoint's own gating and re-weighting name the run that loaded it
+    (tmp_path / "gated" / "manifest.json").write_text(json.dumps({
+        "feature_map": {"name": "less_mlp"}, "gating": {"name": "decay", "learned": True},
+        "reweighting": {"name": "leapformer"}, "normalizer": {"name": "joint"}}))
+    gated = {**_config("perplexity", "sink", checkpoint="gated"), "paths": {"root_dir": str(tmp_path)}}
+    assert report.method_label(gated, "sink") == "sink+less_mlp[gating=decay(learned),reweighting=leapformer](ckpt)"
 
 
 def test_no_results_is_an_error_with_exit_code_2(tmp_path):
