@@ -44,7 +44,7 @@ class LessCacheLayer(CacheLayerMixin):
         self.seen = 0
         self.decoding = False
         self.state = None
-        self.ages = None  # a gated state's per-slot running log-gates, relative to the last step (<= 0)
+        self.ages = None  # a gated state's per-slot ages G_now - G_s (<= 0, ops.gates)
         self._pending = None
 
     # -- CacheLayerMixin --------------------------------------------------------------------
