@@ -99,20 +99,17 @@ def _config_state(cfg: DictConfig):
     stand-in, to check the settings); a bad setting is one ConfigError naming its group."""
     shape = model_shape(cfg.model) or {"layers": 1, "heads": 2, "kv_heads": 1, "head_dim": 64}
     fm, norm, rw, gate = _state_builders(cfg.feature_map, cfg.normalizer, cfg.reweighting, cfg.gating, shape)
-    parts = []
-    for group, make in (("feature_map", fm), ("normalizer", norm), ("reweighting", rw), ("gating", gate)):
+
+    def made(group, make, *args):
         if make is None:
-            parts.append(None)
-            continue
+            return None
         try:
-            if group == "gating":
-                features = parts[0].num_features * (parts[2].factor if parts[2] is not None else 1)
-                parts.append(make(features))
-            else:
-                parts.append(make())
+            return make(*args)
         except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
             raise ConfigError(f"{group}={cfg[group].get('name')}: {_root_cause(err)}") from err
-    state = LessState(parts[0], parts[1], shape["head_dim"], parts[2], parts[3])
+
+    state = LessState(made("feature_map", fm), made("normalizer", norm), shape["head_dim"], made("reweighting", rw))
+    state.gating = made("gating", gate, state.num_features)
     return state if model_shape(cfg.model) is not None else None
 
 

@@ -32,4 +32,3 @@ def stream_log_weights(
     idx = evicted.clamp_min(0)[..., None].expand(*evicted.shape, g.shape[-1])
     weight = (running - written.gather(2, idx)).clamp_max(0.0) * (evicted >= 0)[..., None]
     return weight, (running[:, :, -1:] - written).clamp_max(0.0)
-

@@ -166,7 +166,8 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     for row in scored[:2]:
         print(f"--- [{row['index']}] {row['summary']!r}\n    reference: {row['target']!r}")
     for row in scored:  # rows written before repetition was measured get it now
-        row.update(repetition(row["summary"]))
+        if any(m not in row for m in REPETITION):
+            row.update(repetition(row["summary"]))
     metrics = {m: _mean(rows, m) for m in (*ROUGE, *REPETITION)}
     metrics.update(num_samples=len(scored), num_skipped=skipped,
                    mean_prompt_tokens=sum(lengths.values()) / max(len(lengths), 1))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from less_exp import checkpoints, data
 from less_exp.adapter import attention_modules
-from less_exp.factory import instantiate_component, make_states
+from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.models import DTYPES
 from less_exp.ops import attention_logits, gather_stream, sparse_attention, stream_positions
@@ -130,7 +130,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
         record_dir = Path(t.record_dir)
         chunk = t.layers_per_recording or len(todo)
         fit = LayerFit(policy, budget, plus, plus_budget, t, cfg.seed, device, root, tracker, head,
-                       chunk_size=int(cfg.gating.get("chunk_size", 64)))
+                       chunk_size=chunk_size(cfg))
         with tqdm(total=len(todo), desc="layers", unit="layer") as bar:
             for first in range(0, len(todo), chunk):
                 group = todo[first : first + chunk]
