@@ -54,8 +54,10 @@ def layer_file(root: Path, layer: int) -> Path:
     return Path(root) / f"layer_{layer:03d}.safetensors"
 
 
-def progress_file(root: Path, layer: int) -> Path:
-    return Path(root) / "progress" / f"layer_{layer:03d}.pt"
+def progress_file(root: Path, layer: int | str) -> Path:
+    """A layer's training progress, or a named one (``"e2e"``, ``"stage_000"``) for modes that train several layers."""
+    name = f"layer_{layer:03d}" if isinstance(layer, int) else layer
+    return Path(root) / "progress" / f"{name}.pt"
 
 
 def _atomic(path: Path, write) -> None:
@@ -138,8 +140,9 @@ def _model_id(model_cfg: DictConfig) -> str:
     return model_cfg.get("hub_id") or model_cfg.get("cache_name") or model_cfg.name
 
 
-def header(cfg: DictConfig, model: torch.nn.Module, states, budget) -> dict:
-    """The fingerprint of a training job: model identity, policy and budget, feature map, normaliser, mode."""
+def header(cfg: DictConfig, model: torch.nn.Module, states, budget, training: dict | None = None) -> dict:
+    """The fingerprint of a training job: model identity, policy and budget, feature map, normaliser, and
+    ``training`` (the mode and what else decides the parameters, such as the checkpoint it started from)."""
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     policy.pop("baseline_plus", None)
     head = {
@@ -150,7 +153,7 @@ def header(cfg: DictConfig, model: torch.nn.Module, states, budget) -> dict:
         "feature_map": OmegaConf.to_container(cfg.feature_map, resolve=True),
         "normalizer": OmegaConf.to_container(cfg.normalizer, resolve=True),
         "settings": states[0].settings(),
-        "training": {"mode": cfg.training.mode},
+        "training": training or {"mode": cfg.training.mode},
         "state_token_equivalents": states.token_equivalents(),
     }
     for group in OPTIONAL_COMPONENTS:
@@ -305,6 +308,30 @@ def save_layer(root: Path, layer: int, state_dict: dict, metrics: dict, head: di
     return manifest
 
 
+def check_start(root: str | Path, head: dict, setting: str = "training.init_from") -> dict:
+    """The manifest of a checkpoint that a training job starts from, refused (naming ``setting``) unless
+    its states were trained for this job's model, policy, budget and state (any training mode)."""
+    manifest = read_manifest(root)
+    differs = _mismatch(manifest, head, tuple(key for key in IDENTITY if key != "training"))
+    if differs:
+        raise ConfigError(f"{setting}={root} holds states trained with {differs[0]}, but this job has {differs[1]}; "
+                          "start from a checkpoint trained with the same model, policy and state settings")
+    _check_layers(Path(root), manifest)
+    return manifest
+
+
+def load_layer(root: str | Path, layer: int, state: torch.nn.Module) -> None:
+    """Load one finished layer file into ``state`` (its fingerprint was checked when the folder was opened)."""
+    path = layer_file(root, layer)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(
+            f"checkpoint={root}: {path.name} is unreadable (truncated or corrupt: {_one_line(err)}); {_retrain(Path(root), path)}"
+        ) from err
+    state.load_state_dict(tensors)
+
+
 def done_layers(root: Path) -> set[int]:
     return {int(p.stem.split("_")[1]) for p in Path(root).glob("layer_*.safetensors")}
 
@@ -312,6 +339,10 @@ def done_layers(root: Path) -> set[int]:
 def progress_fingerprint(head: dict) -> str:
     """The fingerprint string a progress dict carries under ``"fingerprint"``."""
     return json.dumps(fingerprint(head), sort_keys=True)
+
+
+def _what(layer: int | str) -> str:
+    return f"layer {layer}" if isinstance(layer, int) else layer.replace("_", " ")
 
 
 def save_progress(root: Path, layer: int, progress: dict) -> None:
@@ -329,12 +360,12 @@ def load_progress(root: Path, layer: int, head: dict | None = None) -> dict | No
         reason = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].split(". ")[0]
         raise ConfigError(
             f"checkpoint={root}: progress/{path.name} is unreadable with weights_only=True ({_one_line(reason)}); "
-            f"delete it to restart layer {layer} from its first epoch"
+            f"delete it to restart {_what(layer)} from its first epoch"
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise ConfigError(
-            f"checkpoint={root}: progress/{path.name} is unreadable ({_one_line(err)}); delete it to restart layer "
-            f"{layer} from its first epoch"
+            f"checkpoint={root}: progress/{path.name} is unreadable ({_one_line(err)}); delete it to restart "
+            f"{_what(layer)} from its first epoch"
         ) from err
     if head is not None:
         try:
@@ -342,7 +373,7 @@ def load_progress(root: Path, layer: int, head: dict | None = None) -> dict | No
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(
                 f"checkpoint={root}: progress/{path.name} carries no fingerprint (saved by an older less-exp); delete it "
-                f"to restart layer {layer} from its first epoch"
+                f"to restart {_what(layer)} from its first epoch"
             ) from err
         differs = _mismatch(found, head)
         if differs:

@@ -43,11 +43,7 @@ def train(cfg: DictConfig) -> dict:
             raise
         metrics["train_wall_s"] = round(time.perf_counter() - job.started, 1)
         results = job.finish(metrics)
-    print(
-        f"{cfg.training.mode}: layers done {metrics['layers_done']}/{metrics['num_layers']}, "
-        f"mean val MSE {metrics['mean_val_mse']:.4g} (plain {metrics['mean_plain_mse']:.4g}, "
-        f"Baseline+ {metrics['mean_baseline_plus_mse']:.4g})"
-    )
+    print(f"{cfg.training.mode}: {mode.summary_line(metrics)}")
     print(f"checkpoint: {metrics['checkpoint']}")
     print(f"results: {results}")
     if task is not None:

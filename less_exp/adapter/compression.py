@@ -43,6 +43,7 @@ class Compression:
     max_positions: int
     state_tokens: float = 0.0
     chunk_size: int = 64
+    plain_layers: frozenset = frozenset()  # layers that run the policy alone, their state set aside
     _bound: dict = field(default_factory=dict, repr=False)
     _memo: tuple | None = field(default=None, repr=False)
 
@@ -50,7 +51,9 @@ class Compression:
         return self.policy.budget(length=length, max_positions=self.max_positions, state_tokens=self.state_tokens)
 
     def state(self, layer_idx: int):
-        return None if self.states is None else self.states[layer_idx]
+        if self.states is None or layer_idx in self.plain_layers:
+            return None
+        return self.states[layer_idx]
 
     def bind(self, layer_idx: int, cache_layer) -> None:
         """Called by a cache layer's ``update`` so the attention call right after it finds the cache."""

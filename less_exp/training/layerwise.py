@@ -401,6 +401,11 @@ def summarize(root: Path, layers: list[int], trained: list[int], tracker: Tracke
     }
 
 
+def summary_line(metrics: dict) -> str:
+    return (f"layers done {metrics['layers_done']}/{metrics['num_layers']}, mean val MSE {metrics['mean_val_mse']:.4g} "
+            f"(plain {metrics['mean_plain_mse']:.4g}, Baseline+ {metrics['mean_baseline_plus_mse']:.4g})")
+
+
 def _chunks(items: list, size: int):
     return [items[i : i + size] for i in range(0, len(items), size)]
 

@@ -1,0 +1,282 @@
+"""What the output-level training modes (``progressive``, ``e2e``; DESIGN.md §4) share.
+
+Both train LESS state parameters of the frozen model on the model's next-token distribution: the
+KL divergence from the full-cache teacher, whose top-k distributions are computed once per sequence
+(:mod:`less_exp.training.teacher`) and reused for every layer and epoch. The student is the model
+itself running the ``less`` attention with the states (the same parallel form as evaluation), so
+what trains is what ``less-eval`` measures. :class:`OutputFit` is the resumable loop: Adam with a
+step schedule, the best epoch by validation KL (the starting state counts as epoch 0), progress
+saved after every epoch and every ``training.save_every`` steps, and every random draw seeded from
+``(seed, stage, epoch, step)`` alone, so a killed job resumes to the parameters of an unbroken one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from less_exp import checkpoints, data
+from less_exp.adapter import Compression, build
+from less_exp.errors import ConfigError, NonFiniteError
+from less_exp.factory import chunk_size, instantiate_component
+from less_exp.tracking import Tracker
+from less_exp.training import layerwise, teacher
+
+AFTER = ("init", "plain")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Layer-wise training's checks (state, policy, sizes, learning rates, data) and the output modes' own."""
+    layerwise.validate(cfg)
+    t = cfg.training
+    for key in ("top_k",):
+        if isinstance(t.get(key), bool) or not isinstance(t.get(key), int) or t[key] < 1:
+            raise ConfigError(f"training.{key}={t.get(key)!r} must be a positive integer")
+    save_every = t.get("save_every")
+    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
+        raise ConfigError(f"training.save_every={save_every!r} must be a positive integer (steps), or null for every epoch")
+    weight = t.get("mse_weight", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"training.mse_weight={weight!r} must be a number >= 0")
+    init = t.get("init_from")
+    if init is not None:
+        checkpoints.read_manifest(init)
+
+
+def identity(cfg: DictConfig, **settings) -> dict:
+    """What the checkpoint's fingerprint records of the training: the mode, the checkpoint it started
+    from (absolute) and the mode's settings that decide the parameters."""
+    init = cfg.training.get("init_from")
+    return {"mode": cfg.training.mode, "init_from": None if init is None else str(Path(init).resolve()), **settings}
+
+
+def load_start(cfg: DictConfig, model: torch.nn.Module, states, head: dict) -> None:
+    """Load ``training.init_from`` into ``states`` when set (any training mode's checkpoint for this set-up)."""
+    init = cfg.training.get("init_from")
+    if init is not None:
+        manifest = checkpoints.check_start(init, head)
+        checkpoints.load_into(states, init, manifest, model=model)
+        print(f"less-train: starting from the {manifest['training']['mode']} states in {init}")
+
+
+@dataclass
+class Data:
+    """The token windows, their split and the teacher's per-sequence top-k files."""
+
+    windows: torch.Tensor
+    train_idx: list[int]
+    val_idx: list[int]
+    targets: list[Path]
+
+
+def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Data:
+    """Tokenize the training split, split it, and record the teacher (call while the model runs full attention)."""
+    t = cfg.training
+    windows = data.token_windows(tokenizer, data.load_text(cfg.data, t.split), t.seq_len, t.num_sequences)
+    if len(windows) < 2:
+        raise ConfigError(f"data={cfg.data.name} split={t.split} has only {len(windows)} window of {t.seq_len} tokens")
+    train_idx, val_idx = layerwise.split(len(windows), float(t.val_fraction), cfg.seed)
+    fingerprint = {"model": cfg.model.name, "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+                   "shape": list(windows.shape), "top_k": int(t.top_k)}
+    files = teacher.record(model, windows, Path(t.record_dir) / f"teacher_top{t.top_k}", int(t.top_k), fingerprint)
+    return Data(windows, train_idx, val_idx, files)
+
+
+def attach(cfg: DictConfig, model: torch.nn.Module, states) -> Compression:
+    """Freeze the model and make it run the configured policy with ``states`` (the student)."""
+    model.requires_grad_(False)
+    comp = build(model, instantiate_component(cfg.policy), states)
+    comp.chunk_size = chunk_size(cfg)
+    states.requires_grad_(False)
+    return comp
+
+
+def losses(model: torch.nn.Module, ids: torch.Tensor, target: teacher.TopK) -> tuple[torch.Tensor, float, int]:
+    """The mean top-k KL over the predicting positions of ``ids [B, S]`` (with its graph), and the summed
+    next-token negative log-likelihood and its count (numbers, for perplexity)."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    kl = teacher.top_k_kl(logits, target).mean()
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(logits.detach().float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    return kl, nll.item(), ids[:, 1:].numel()
+
+
+class OutputFit:
+    """Trains ``trained`` (state modules of ``comp``) on the output KL; resumable under progress ``name``.
+
+    ``stage`` keys the random seeds (a progressive stage's first layer; 0 for e2e). ``mse`` (optional)
+    is a callable returning an extra loss term for a batch of window indices, already weighted.
+    """
+
+    def __init__(self, cfg: DictConfig, model, comp: Compression, sets: Data, trained: list[torch.nn.Module], root: Path,
+                 head: dict, tracker: Tracker, name: str, stage: int, label: str, mse=None):
+        self.cfg, self.t, self.model, self.comp, self.sets = cfg, cfg.training, model, comp, sets
+        self.trained = torch.nn.ModuleList(trained)
+        self.root, self.head, self.tracker, self.name, self.stage, self.label = Path(root), head, tracker, name, stage, label
+        self.mse = mse
+        self.device = next(model.parameters()).device
+
+    def _ids(self, idx: list[int]) -> torch.Tensor:
+        return self.sets.windows[idx].to(self.device)
+
+    def _targets(self, idx: list[int]) -> teacher.TopK:
+        return teacher.load([self.sets.targets[i] for i in idx], self.device)
+
+    def _modes(self, training: bool) -> None:
+        self.comp.states.eval()
+        self.trained.train(training)
+
+    def evaluate(self) -> dict:
+        self._modes(False)
+        return evaluate(self.model, self.sets, self.t.batch_size)
+
+    def __call__(self) -> dict:
+        t = self.t
+        self.trained.requires_grad_(True)
+        optimizer = torch.optim.Adam(layerwise.param_groups(self.trained, t), lr=float(t.lr), weight_decay=float(t.weight_decay))
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_step_epochs, gamma=float(t.lr_gamma))
+        progress = checkpoints.load_progress(self.root, self.name, self.head)
+        if progress is None:
+            initial = self.evaluate()
+            progress = {"fingerprint": checkpoints.progress_fingerprint(self.head), "epoch": 0, "step": 0,
+                        "epoch_kl": 0.0, "epoch_count": 0, "history": [], "initial_val_kl": initial["kl"],
+                        "initial_val_ppl": initial["ppl"], "best_val_kl": initial["kl"], "best_val_ppl": initial["ppl"],
+                        "best_epoch": 0, "best_state": _copy(self.trained.state_dict()), "elapsed_s": 0.0}
+        else:
+            self.trained.load_state_dict(progress["state"])
+            optimizer.load_state_dict(progress["optimizer"])
+            scheduler.load_state_dict(progress["scheduler"])
+        elapsed_before, resumed_at = progress["elapsed_s"], time.perf_counter()
+        steps_per_epoch = len(_chunks(self.sets.train_idx, t.batch_size))
+
+        def save(**update):
+            progress.update(state=self.trained.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(),
+                            elapsed_s=elapsed_before + time.perf_counter() - resumed_at, **update)
+            checkpoints.save_progress(self.root, self.name, progress)
+
+        total = t.epochs * steps_per_epoch
+        done = progress["epoch"] * steps_per_epoch + progress["step"]
+        with tqdm(total=total, initial=done, desc=self.label, unit="step", leave=False) as bar:
+            for epoch in range(progress["epoch"], t.epochs):
+                epoch_started = time.perf_counter()
+                torch.manual_seed(layerwise.epoch_seed(self.cfg.seed, self.stage, epoch))
+                order = [self.sets.train_idx[i] for i in torch.randperm(len(self.sets.train_idx)).tolist()]
+                batches = _chunks(order, t.batch_size)
+                for step in range(progress["step"], len(batches)):
+                    torch.manual_seed(layerwise.epoch_seed(self.cfg.seed, self.stage, epoch) + 7919 * (step + 1))
+                    self._modes(True)
+                    idx = batches[step]
+                    kl, _, _ = losses(self.model, self._ids(idx), self._targets(idx))
+                    loss = kl + (self.mse(idx) if self.mse is not None else 0.0)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(f"{self.label}, epoch {epoch + 1}, step {step + 1}: the training loss is "
+                                             f"{loss.item()}; lower training.lr")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    progress["epoch_kl"] += kl.item()
+                    progress["epoch_count"] += 1
+                    self.tracker.log({f"{self.label}/train_kl": kl.item(), f"{self.label}/loss": loss.item()})
+                    bar.update(1)
+                    bar.set_postfix(kl=f"{kl.item():.4g}")
+                    if t.get("save_every") and (step + 1) % t.save_every == 0 and step + 1 < len(batches):
+                        save(step=step + 1)
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                val = self.evaluate()
+                train_kl = progress["epoch_kl"] / max(progress["epoch_count"], 1)
+                if val["kl"] < progress["best_val_kl"]:
+                    progress.update(best_val_kl=val["kl"], best_val_ppl=val["ppl"], best_epoch=epoch + 1,
+                                    best_state=_copy(self.trained.state_dict()))
+                progress["history"].append({"epoch": epoch + 1, "train_kl": train_kl, "val_kl": val["kl"], "val_ppl": val["ppl"],
+                                            "lr": lr, "seconds": time.perf_counter() - epoch_started})
+                save(epoch=epoch + 1, step=0, epoch_kl=0.0, epoch_count=0)
+                self.tracker.log({f"{self.label}/val_kl": val["kl"], f"{self.label}/val_ppl": val["ppl"],
+                                  f"{self.label}/train_kl_epoch": train_kl, "epoch": epoch + 1, "lr": lr})
+                bar.set_postfix(val_kl=f"{val['kl']:.4g}", val_ppl=f"{val['ppl']:.4g}")
+        self.trained.load_state_dict(progress["best_state"])
+        self.trained.requires_grad_(False)
+        history = progress["history"]
+        return {
+            "train_kl": history[-1]["train_kl"] if history else None,
+            "val_kl": progress["best_val_kl"],
+            "val_ppl": progress["best_val_ppl"],
+            "initial_val_kl": progress["initial_val_kl"],
+            "initial_val_ppl": progress["initial_val_ppl"],
+            "best_epoch": progress["best_epoch"],
+            "epochs": t.epochs,
+            "num_train": len(self.sets.train_idx),
+            "num_val": len(self.sets.val_idx),
+            "val_history": [h["val_kl"] for h in history],
+            "train_history": [h["train_kl"] for h in history],
+            "duration_s": round(progress["elapsed_s"], 3),
+        }
+
+
+@torch.no_grad()
+def evaluate(model, sets: Data, batch_size: int) -> dict:
+    """The validation windows' KL from the teacher (mean per predicted token) and perplexity, as the model runs now."""
+    device = next(model.parameters()).device
+    kl_sum, nll, count = 0.0, 0.0, 0
+    for idx in _chunks(sets.val_idx, batch_size):
+        kl, n, c = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device))
+        kl_sum, nll, count = kl_sum + kl.item() * c, nll + n, count + c
+    return {"kl": kl_sum / count, "ppl": float(torch.tensor(nll / count).exp())}
+
+
+def plain_baseline(model, comp: Compression, sets: Data, batch_size: int) -> dict:
+    """The plain policy's validation KL and perplexity (every state set aside): what training starts to beat."""
+    before = comp.plain_layers
+    comp.plain_layers = frozenset(range(len(comp.states)))
+    try:
+        return evaluate(model, sets, batch_size)
+    finally:
+        comp.plain_layers = before
+
+
+def summarize(root: Path, trained: list[int], tracker: Tracker, plain: dict | None, state_parameters: int) -> dict:
+    """The job's metrics from the checkpoint's manifest: per-layer (or per-stage) validation KL and perplexity."""
+    manifest = checkpoints.read_manifest(root)
+    layers = {int(k): m for k, m in manifest["layers"].items()}
+    rows = [[layer, m["val_kl"], m["initial_val_kl"], m["val_ppl"], m["best_epoch"]] for layer, m in sorted(layers.items())]
+    tracker.log_table("layers", ["layer", "val_kl", "initial_val_kl", "val_ppl", "best_epoch"], rows)
+    last = layers[max(layers)] if layers else {}
+    return {
+        "checkpoint": str(root),
+        "complete": manifest["complete"],
+        "layers_done": len(manifest["layers_done"]),
+        "num_layers": manifest["model"]["num_layers"],
+        "layers_trained": trained,
+        "val_kl": last.get("val_kl"),
+        "val_ppl": last.get("val_ppl"),
+        "initial_val_kl": layers[min(layers)]["initial_val_kl"] if layers else None,
+        "initial_val_ppl": layers[min(layers)]["initial_val_ppl"] if layers else None,
+        **({"plain_val_kl": plain["kl"], "plain_val_ppl": plain["ppl"]} if plain else {}),
+        "state_token_equivalents": manifest["state_token_equivalents"],
+        "train_s": round(sum({m.get("stage_first", k): m.get("duration_s", 0.0) for k, m in layers.items()}.values()), 1),
+        "state_parameters": state_parameters,
+        "layers": {str(layer): {k: v for k, v in m.items() if not isinstance(v, list)} for layer, m in layers.items()},
+    }
+
+
+def summary_line(metrics: dict) -> str:
+    plain = (f" (plain policy {metrics['plain_val_kl']:.4g} / {metrics['plain_val_ppl']:.4f})"
+             if metrics.get("plain_val_kl") is not None else "")
+    return (f"layers done {metrics['layers_done']}/{metrics['num_layers']}, validation KL / perplexity "
+            f"{metrics['val_kl']:.4g} / {metrics['val_ppl']:.4f}, from {metrics['initial_val_kl']:.4g} / "
+            f"{metrics['initial_val_ppl']:.4f}{plain}")
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _copy(state_dict: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state_dict.items()}
