@@ -258,7 +258,8 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
     added in brackets; ``(ckpt)`` marks states loaded from ``checkpoint`` (``loads_checkpoint``
     is false for train jobs, whose checkpoint is their output). A checkpoint run names the
     components the checkpoint brought (its manifest's feature map, gating, re-weighting and
-    normaliser, where the run left them at their defaults) when the manifest can be read.
+    normaliser, where the run left them at their defaults) when the manifest can be read, and the
+    training mode when it is not layer-wise (``[training=progressive]``).
     """
     if policy == "full":
         return "full"
@@ -279,6 +280,10 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
     gating = config.get("gating") if _name(config, "gating", "none") != "none" else manifest.get("gating")
     if isinstance(gating, Mapping) and gating.get("learned"):
         others = [f"{o}(learned)" if o.startswith("gating=") else o for o in others]
+    trained_by = (manifest if checkpoint else config).get("training")
+    mode = trained_by.get("mode") if isinstance(trained_by, Mapping) else None
+    if mode not in (None, "layerwise"):
+        others.append(f"training={mode}")
     return policy + f"+{feature_map}" + (f"[{','.join(others)}]" if others else "") + ("(ckpt)" if checkpoint else "")
 
 

@@ -19,7 +19,9 @@ EVAL=(${LESS_EVAL:-.venv/bin/less-eval} model=smollm2_135m "logger=${LOGGER:-non
       "task.num_samples=$N")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-"${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "hydra.run.dir=$OUT/plain"
+if [ "${PLAIN:-1}" = 1 ]; then  # PLAIN=0 keeps an OUT/plain run of the same N and policy (adding states to a check)
+  "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "hydra.run.dir=$OUT/plain"
+fi
 for entry in "${CHECKPOINT_LIST[@]}"; do  # NAME=PATH (needed when PATH holds '=', as sweep folders do), or PATH (named by its folder, or its job's for .../checkpoint)
   ckpt=${entry#*=}
   name=${entry%%=*}

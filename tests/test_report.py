@@ -148,6 +148,7 @@ def test_method_label_names_the_state(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "manifest.json").write_text(json.dumps({"feature_map": {"name": "elu1"}}))
     from_checkpoint = {**_config("perplexity", "sink", checkpoint="ckpt"), "paths": {"root_dir": str(tmp_path)}}
+    assert report.method_label({**from_checkpoint, "training": {"mode": "e2e"}}, "sink") == "sink+elu1(ckpt)"
     assert report.method_label(from_checkpoint, "sink") == "sink+elu1(ckpt)"
     assert report.method_label(_config("perplexity", "sink", checkpoint="gone"), "sink") == "sink+state(ckpt)"
     odd = {**_config("perplexity", "h2o", "less_mlp"), "gating": {"name": "scalar"}}
@@ -161,6 +162,13 @@ def test_method_label_names_the_state(tmp_path):
         "reweighting": {"name": "leapformer"}, "normalizer": {"name": "joint"}}))
     gated = {**_config("perplexity", "sink", checkpoint="gated"), "paths": {"root_dir": str(tmp_path)}}
     assert report.method_label(gated, "sink") == "sink+less_mlp[gating=decay(learned),reweighting=leapformer](ckpt)"
+    (tmp_path / "progressive").mkdir()  # an output-trained checkpoint says how it was trained
+    (tmp_path / "progressive" / "manifest.json").write_text(json.dumps({
+        "feature_map": {"name": "less_mlp"}, "training": {"mode": "progressive", "init_from": "ckpt"}}))
+    progressive = {**_config("perplexity", "sink", checkpoint="progressive"), "paths": {"root_dir": str(tmp_path)}}
+    assert report.method_label(progressive, "sink") == "sink+less_mlp[training=progressive](ckpt)"
+    e2e_job = {**_config("perplexity", "sink", "less_mlp", "ckpt/e2e"), "training": {"mode": "e2e"}}
+    assert report.method_label(e2e_job, "sink", loads_checkpoint=False) == "sink+less_mlp[training=e2e]"
 
 
 def test_no_results_is_an_error_with_exit_code_2(tmp_path):

@@ -46,6 +46,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"training.mse_weight={weight!r} must be a number >= 0")
     init = t.get("init_from")
     if init is not None:
+        if not (Path(init) / checkpoints.MANIFEST).is_file():
+            raise ConfigError(f"training.init_from={init}: no {checkpoints.MANIFEST} there; point it at a checkpoint "
+                              "folder written by less-train for this set-up, or drop it to start from the untrained state")
         checkpoints.read_manifest(init)
 
 
@@ -183,7 +186,7 @@ class OutputFit:
                     optimizer.step()
                     progress["epoch_kl"] += kl.item()
                     progress["epoch_count"] += 1
-                    self.tracker.log({f"{self.label}/train_kl": kl.item(), f"{self.label}/loss": loss.item()})
+                    self.tracker.log({f"{self.name}/train_kl": kl.item(), f"{self.name}/loss": loss.item()})
                     bar.update(1)
                     bar.set_postfix(kl=f"{kl.item():.4g}")
                     if t.get("save_every") and (step + 1) % t.save_every == 0 and step + 1 < len(batches):
@@ -198,8 +201,8 @@ class OutputFit:
                 progress["history"].append({"epoch": epoch + 1, "train_kl": train_kl, "val_kl": val["kl"], "val_ppl": val["ppl"],
                                             "lr": lr, "seconds": time.perf_counter() - epoch_started})
                 save(epoch=epoch + 1, step=0, epoch_kl=0.0, epoch_count=0)
-                self.tracker.log({f"{self.label}/val_kl": val["kl"], f"{self.label}/val_ppl": val["ppl"],
-                                  f"{self.label}/train_kl_epoch": train_kl, "epoch": epoch + 1, "lr": lr})
+                self.tracker.log({f"{self.name}/val_kl": val["kl"], f"{self.name}/val_ppl": val["ppl"],
+                                  f"{self.name}/train_kl_epoch": train_kl, "epoch": epoch + 1, "lr": lr})
                 bar.set_postfix(val_kl=f"{val['kl']:.4g}", val_ppl=f"{val['ppl']:.4g}")
         self.trained.load_state_dict(progress["best_state"])
         self.trained.requires_grad_(False)
