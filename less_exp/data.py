@@ -33,8 +33,39 @@ def local_file(data_cfg: DictConfig, split: str) -> Path | None:
     return path if path.is_absolute() else Path(str(local.get("dir", "."))).expanduser() / path
 
 
-def check_available(data_cfg: DictConfig, split: str) -> None:
-    """Fail fast, saying what to set, when ``split`` is neither on disk nor reachable on the hub."""
+def is_mixture(data_cfg: DictConfig) -> bool:
+    """A training mixture (``mixture``: presets by name, ``weights``: their shares), such as ``data=c4_wikitext2``."""
+    return bool(data_cfg.get("mixture"))
+
+
+def _refuse_mixture(data_cfg: DictConfig) -> None:
+    raise ConfigError(f"data={data_cfg.name} is a training mixture of {', '.join(data_cfg.mixture)}; evaluate on one of "
+                      f"them (less-eval data={next(iter(data_cfg.mixture))} checkpoint=...)")
+
+
+def mixture_weights(data_cfg: DictConfig) -> dict[str, float]:
+    """The mixture's weights, normalised; a missing, extra or non-positive weight is a ConfigError."""
+    parts, weights = list(data_cfg.mixture), dict(data_cfg.get("weights") or {})
+    if set(weights) != set(parts):
+        raise ConfigError(f"data={data_cfg.name}: data.weights names {sorted(weights)} but the mixture holds {sorted(parts)}; "
+                          "give one weight per part")
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.weights.{name}={weight!r} must be a number > 0")
+    total = sum(float(w) for w in weights.values())
+    return {name: float(weights[name]) / total for name in parts}
+
+
+def check_available(data_cfg: DictConfig, split: str, mixture: bool = False) -> None:
+    """Fail fast, saying what to set, when ``split`` is neither on disk nor reachable on the hub (or is
+    a training mixture where one data set is needed: ``mixture=True`` for training)."""
+    if is_mixture(data_cfg):
+        if not mixture:
+            _refuse_mixture(data_cfg)
+        mixture_weights(data_cfg)
+        for part in data_cfg.mixture.values():
+            check_available(part, split)
+        return
     path = local_file(data_cfg, split)
     if path is not None and path.is_file():
         return
@@ -50,6 +81,8 @@ def check_available(data_cfg: DictConfig, split: str) -> None:
 
 def load_text(data_cfg: DictConfig, split: str) -> str:
     """The whole split as one string (a text file as is, or a text field's rows joined)."""
+    if is_mixture(data_cfg):
+        _refuse_mixture(data_cfg)
     field = data_cfg.get("text_field", "text")
     join = data_cfg.get("join", "\n\n")
     check_available(data_cfg, split)
@@ -119,6 +152,34 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = 
     """
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return _windows(ids, seq_len, max_windows)
+
+
+def training_windows(data_cfg: DictConfig, tokenizer, split: str, seq_len: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    """Up to ``count`` training windows and the preset each came from.
+
+    A mixture gives each part its share of ``count`` (largest remainders, at least one window a part)
+    and interleaves the parts, so that any prefix of the windows holds every domain in proportion.
+    """
+    if not is_mixture(data_cfg):
+        windows = token_windows(tokenizer, load_text(data_cfg, split), seq_len, count)
+        return windows, [str(data_cfg.name)] * len(windows)
+    weights = mixture_weights(data_cfg)
+    quotas = {name: max(1, int(count * w)) for name, w in weights.items()}
+    by_remainder = sorted(weights, key=lambda name: count * weights[name] - int(count * weights[name]), reverse=True)
+    for name in by_remainder[: max(0, count - sum(quotas.values()))]:
+        quotas[name] += 1
+    parts = {}
+    for name, part in data_cfg.mixture.items():
+        parts[name] = token_windows(tokenizer, load_text(part, split), seq_len, quotas[name])
+        if len(parts[name]) < quotas[name]:
+            print(f"less-train: data={data_cfg.name}: {name} split={split} holds {len(parts[name])} of its {quotas[name]} windows")
+    rows, names = [], []
+    for i in range(max(len(w) for w in parts.values())):
+        for name, windows in parts.items():
+            if i < len(windows):
+                rows.append(windows[i])
+                names.append(name)
+    return torch.stack(rows), names
 
 
 def scored_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> tuple[torch.Tensor, str]:

@@ -88,3 +88,47 @@ def test_rows_that_do_not_fit_the_file_are_refused(compose_config):
     cfg = compose_config("eval", ["data=c4", "data.local.rows.test=[250,400]"]).data
     with pytest.raises(ConfigError, match=r"data.local.rows.test=\[250, 400\) does not fit the 300 documents"):
         data.load_text(cfg, "test")
+
+
+def test_a_mixture_gives_each_part_its_share_interleaved(compose_config):
+    mix = compose_config("train", ["data=c4_wikitext2", "data.weights.c4=3", "data.weights.wikitext2=1"]).data
+    tok = byte_tokenizer()
+    windows, domains = data.training_windows(mix, tok, "train", 256, 8)
+    assert windows.shape == (8, 256) and domains.count("c4") == 6 and domains.count("wikitext2") == 2
+    assert domains[:4] == ["c4", "wikitext2", "c4", "wikitext2"], "parts interleave, so any prefix holds both"
+    c4 = data.token_windows(tok, data.load_text(mix.mixture.c4, "train"), 256, 6)
+    wiki = data.token_windows(tok, data.load_text(mix.mixture.wikitext2, "train"), 256, 2)
+    assert torch.equal(windows[[i for i, d in enumerate(domains) if d == "c4"]], c4)
+    assert torch.equal(windows[[i for i, d in enumerate(domains) if d == "wikitext2"]], wiki)
+    single, names = data.training_windows(compose_config("train", ["data=c4"]).data, tok, "train", 256, 3)
+    assert names == ["c4"] * 3 and torch.equal(single, c4[:3])
+
+
+def test_validation_of_a_mixture_holds_every_domain():
+    from less_exp.training.layerwise import split, split_domains
+
+    domains = ["c4", "wikitext2"] * 5
+    train, val = split_domains(domains, 0.2, seed=0)
+    assert sorted(train + val) == list(range(10)) and {domains[i] for i in val} == {"c4", "wikitext2"}
+    assert split_domains(["c4"] * 10, 0.2, seed=0) == split(10, 0.2, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["data.weights.c4=0"], r"data\.weights\.c4=0 must be a number > 0"),
+        (["~data.weights.wikitext2"], r"data\.weights names \['c4'\] but the mixture holds \['c4', 'wikitext2'\]"),
+    ],
+)
+def test_bad_mixture_weights_are_refused(compose_config, overrides, match):
+    mix = compose_config("train", ["data=c4_wikitext2", *overrides]).data
+    with pytest.raises(ConfigError, match=match):
+        data.check_available(mix, "train", mixture=True)
+
+
+def test_evaluation_on_a_mixture_says_to_pick_one(compose_config):
+    mix = compose_config("eval", ["data=c4_wikitext2"]).data
+    with pytest.raises(ConfigError, match=r"data=c4_wikitext2 is a training mixture of c4, wikitext2; evaluate on one"):
+        data.check_available(mix, "test")
+    with pytest.raises(ConfigError, match="training mixture"):
+        data.load_text(mix, "test")

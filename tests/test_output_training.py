@@ -291,3 +291,9 @@ def test_wandb_gets_the_loss_the_stage_kl_and_the_validation_perplexity(compose_
     history = read_run(run_dir)["history"]
     assert any("stage_001/loss" in row and "stage_001/train_kl" in row for row in history)
     assert [row["stage_001/val_ppl"] for row in history if "stage_001/val_kl" in row]
+
+
+def test_e2e_on_a_mixture_of_c4_and_wikitext(run):
+    metrics = run(E2E, "data=c4_wikitext2", "training.num_sequences=8", "training.val_fraction=0.25")
+    assert metrics["num_layers"] == 2 and metrics["val_kl"] < metrics["initial_val_kl"]
+    assert metrics["layers"]["0"]["num_val"] == 2, "one validation window from each domain"

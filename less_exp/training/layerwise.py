@@ -77,7 +77,7 @@ def validate(cfg: DictConfig) -> None:
         policy.check_fits(policy.budget(length=t.seq_len, max_positions=int(cfg.model.max_length)), t.seq_len)
     except ValueError as err:
         raise ConfigError(f"training.seq_len={t.seq_len}: {err}") from err
-    data.check_available(cfg.data, t.split)
+    data.check_available(cfg.data, t.split, mixture=True)
 
 
 def _layer_range(t: DictConfig, num_layers: int | None) -> list[int]:
@@ -115,12 +115,12 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     print(f"less-train: layers {layers[0]}-{layers[-1]} into {root}: {len(todo)} to train, {len(layers) - len(todo)} already done")
 
     if todo:
-        windows = data.token_windows(tokenizer, data.load_text(cfg.data, t.split), t.seq_len, t.num_sequences)
+        windows, domains = data.training_windows(cfg.data, tokenizer, t.split, t.seq_len, t.num_sequences)
         if len(windows) < 2:
             raise ConfigError(f"data={cfg.data.name} split={t.split} has only {len(windows)} window of {t.seq_len} tokens")
         if len(windows) < t.num_sequences:
             print(f"less-train: data={cfg.data.name} split={t.split} holds {len(windows)} of the {t.num_sequences} sequences")
-        train_idx, val_idx = split(len(windows), float(t.val_fraction), cfg.seed)
+        train_idx, val_idx = split_domains(domains, float(t.val_fraction), cfg.seed)
         fingerprint = {
             "model": cfg.model.name,
             "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
@@ -177,6 +177,26 @@ def split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def split_domains(domains: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """:func:`split` within each domain of a mixture's windows (``domains[i]`` names window i's preset), so
+    validation holds every domain that has two windows or more; one domain is :func:`split` itself."""
+    names = list(dict.fromkeys(domains))
+    if len(names) == 1:
+        return split(len(domains), val_fraction, seed)
+    train, val = [], []
+    for name in names:
+        idx = [i for i, d in enumerate(domains) if d == name]
+        if len(idx) < 2:
+            train += idx
+            continue
+        part_train, part_val = split(len(idx), val_fraction, seed)
+        train += [idx[i] for i in part_train]
+        val += [idx[i] for i in part_val]
+    if not val:
+        return split(len(domains), val_fraction, seed)
+    return sorted(train), sorted(val)
 
 
 def epoch_seed(seed: int, layer: int, epoch: int) -> int:

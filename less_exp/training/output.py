@@ -81,10 +81,10 @@ class Data:
 def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Data:
     """Tokenize the training split, split it, and record the teacher (call while the model runs full attention)."""
     t = cfg.training
-    windows = data.token_windows(tokenizer, data.load_text(cfg.data, t.split), t.seq_len, t.num_sequences)
+    windows, domains = data.training_windows(cfg.data, tokenizer, t.split, t.seq_len, t.num_sequences)
     if len(windows) < 2:
         raise ConfigError(f"data={cfg.data.name} split={t.split} has only {len(windows)} window of {t.seq_len} tokens")
-    train_idx, val_idx = layerwise.split(len(windows), float(t.val_fraction), cfg.seed)
+    train_idx, val_idx = layerwise.split_domains(domains, float(t.val_fraction), cfg.seed)
     fingerprint = {"model": cfg.model.name, "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
                    "shape": list(windows.shape), "top_k": int(t.top_k)}
     files = teacher.record(model, windows, Path(t.record_dir) / f"teacher_top{t.top_k}", int(t.top_k), fingerprint)
