@@ -89,7 +89,9 @@ def load_text(data_cfg: DictConfig, split: str) -> str:
     path = local_file(data_cfg, split)
     if path is not None and path.is_file():
         if path.suffix == ".jsonl":
-            return join.join(_field(row, field, path, n) for n, row in _rows_of_split(data_cfg, split, _jsonl(path)))
+            pattern = data_cfg.get("text_regex")
+            texts = (_field(row, field, path, n) for n, row in _rows_of_split(data_cfg, split, _jsonl(path)))
+            return join.join(_extract(text, pattern, path) for text in texts) if pattern else join.join(texts)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
@@ -98,7 +100,8 @@ def load_text(data_cfg: DictConfig, split: str) -> str:
         if not text.strip():
             raise ConfigError(f"data file {path} is empty; point data.local.files.{split} at a file with text")
         return text
-    return join.join(row[field] for row in _hub_rows(data_cfg, split))
+    hub_field = data_cfg.hub.get("text_field") or field
+    return join.join(row[hub_field] for row in _hub_rows(data_cfg, split))
 
 
 def load_records(data_cfg: DictConfig, split: str) -> list[dict]:
@@ -132,6 +135,12 @@ def _rows_of_split(data_cfg: DictConfig, split: str, rows: list) -> list:
     if not 0 <= start < stop <= len(rows):
         raise ConfigError(f"data.local.rows.{split}=[{start}, {stop}) does not fit the {len(rows)} documents of the file")
     return rows[start:stop]
+
+
+def _extract(text: str, pattern: str, path: Path) -> str:
+    """``text_regex``'s first group in ``text`` (the article inside a prompt), or the text when it does not match."""
+    match = re.search(pattern, text, re.S)
+    return match.group(1) if match else text
 
 
 def _field(row, name: str, path: Path | None, line: int) -> str:

@@ -17,19 +17,15 @@ read -ra POLICY_ARGS <<< "${POLICY_ARGS:-}"
 read -ra CHECKPOINT_LIST <<< "${CHECKPOINTS:-}"
 EVAL=(${LESS_EVAL:-.venv/bin/less-eval} model=smollm2_135m "logger=${LOGGER:-none}" task=xsum task.do_sample=false
       "task.num_samples=$N")
+source scripts/checkpoint_entry.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ "${PLAIN:-1}" = 1 ]; then  # PLAIN=0 keeps an OUT/plain run of the same N and policy (adding states to a check)
   "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "hydra.run.dir=$OUT/plain"
 fi
-for entry in "${CHECKPOINT_LIST[@]}"; do  # NAME=PATH (needed when PATH holds '=', as sweep folders do), or PATH (named by its folder, or its job's for .../checkpoint)
-  ckpt=${entry#*=}
-  name=${entry%%=*}
-  if [ "$name" = "$entry" ]; then
-    name=$(basename "$ckpt")
-    [ "$name" = checkpoint ] && name=$(basename "$(dirname "$ckpt")")
-  fi
-  "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "checkpoint='$ckpt'" "hydra.run.dir=$OUT/$name"
+for entry in "${CHECKPOINT_LIST[@]}"; do
+  split_entry "$entry"
+  "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" "checkpoint='$CKPT'" "hydra.run.dir=$OUT/$NAME"
 done
 if [ "${BASELINE_PLUS:-1}" = 1 ]; then
   "${EVAL[@]}" "policy=$POLICY" "${POLICY_ARGS[@]}" feature_map=less_mlp policy.baseline_plus=true "hydra.run.dir=$OUT/baseline_plus"

@@ -132,3 +132,11 @@ def test_evaluation_on_a_mixture_says_to_pick_one(compose_config):
         data.check_available(mix, "test")
     with pytest.raises(ConfigError, match="training mixture"):
         data.load_text(mix, "test")
+
+
+def test_xsum_articles_are_the_prompts_articles_as_plain_text(compose_config):
+    text = data.load_text(compose_config("eval", ["data=xsum_articles"]).data, "test")
+    records = data.load_records(compose_config("eval", ["data=xsum"]).data, "test")
+    first = records[0]["input"].removeprefix("###\nArticle: ").removesuffix("\n\nSummarize the above article in 1 sentence.\n")
+    assert text.startswith(first + "\n\n") and "###" not in text and "Summarize the above" not in text
+    assert len(text.split("\n\n")) >= len(records)
