@@ -13,6 +13,7 @@ saved after every epoch and every ``training.save_every`` steps, and every rando
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,9 @@ class OutputFit:
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 val = self.evaluate()
+                if not all(map(math.isfinite, val.values())):
+                    raise NonFiniteError(f"{self.label}, epoch {epoch + 1}: the validation KL / perplexity is "
+                                         f"{val['kl']} / {val['ppl']}; lower training.lr")
                 train_kl = progress["epoch_kl"] / max(progress["epoch_count"], 1)
                 if val["kl"] < progress["best_val_kl"]:
                     progress.update(best_val_kl=val["kl"], best_val_ppl=val["ppl"], best_epoch=epoch + 1,
