@@ -297,3 +297,19 @@ def test_e2e_on_a_mixture_of_c4_and_wikitext(run):
     metrics = run(E2E, "data=c4_wikitext2", "training.num_sequences=8", "training.val_fraction=0.25")
     assert metrics["num_layers"] == 2 and metrics["val_kl"] < metrics["initial_val_kl"]
     assert metrics["layers"]["0"]["num_val"] == 2, "one validation window from each domain"
+
+
+def test_a_non_finite_validation_is_an_error_not_a_result(run, tmp_path, monkeypatch):
+    from less_exp.errors import NonFiniteError
+
+    real, calls = output.evaluate, []
+
+    def nan_after_the_start(*args):
+        calls.append(1)
+        return real(*args) if len(calls) <= 2 else {"kl": float("nan"), "ppl": float("nan")}
+
+    monkeypatch.setattr(output, "evaluate", nan_after_the_start)
+    with pytest.raises(NonFiniteError, match=r"validation KL / perplexity is nan"):
+        run(E2E)
+    assert not checkpoints.done_layers(tmp_path / "ckpt")
+    assert '"status": "ok"' not in (tmp_path / "results.json").read_text()
