@@ -254,3 +254,31 @@ def test_gated_chunk_gradients_are_finite_and_match_parallel(kind):
         grads.append([x.grad for x in leaves])
     for a, b in zip(*grads):  # float32 sums over 300 steps: compare at the gradient's own scale
         assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_sparse_attention_matches_the_float64_softmax(grad):
+    gen = torch.Generator().manual_seed(3)
+    logits = 8 * torch.randn(2, 2, 3, 33, 33, generator=gen)
+    keep = torch.rand(2, 2, 33, 33, generator=gen) < 0.4
+    keep |= torch.eye(33, dtype=torch.bool)
+    keep[0, 1, 7] = False  # a query with no kept key: lse -inf, as the cache would see an empty row
+    v = torch.randn(2, 2, 33, 16, generator=gen)
+    masked = logits.double().masked_fill(~keep[:, :, None], float("-inf"))
+    lse_ref = masked.logsumexp(-1)
+    probs_ref = torch.softmax(masked, -1)
+    x = logits.clone().requires_grad_(grad)
+    out, lse, probs = sparse_attention(x, keep, v)
+    assert torch.isneginf(lse[0, 1, :, 7]).all()
+    rows = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[rows].double(), lse_ref[rows], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(probs[rows].double(), probs_ref[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[rows].double(), (probs_ref @ v.double()[:, :, None])[rows], rtol=1e-5, atol=1e-5)
+    if grad:
+        y = logits.double().clone().requires_grad_(True)
+        ref = y.masked_fill(~keep[:, :, None], float("-inf"))
+        keep_rows = rows[..., None].expand_as(ref)
+        loss_ref = (torch.softmax(ref, -1) @ v.double()[:, :, None])[rows].sum() + ref.logsumexp(-1)[rows].sum()
+        loss_ref.backward()
+        (out[rows].sum() + lse[rows].sum()).backward()
+        torch.testing.assert_close(x.grad.double()[keep_rows], y.grad[keep_rows], rtol=1e-4, atol=1e-5)
