@@ -320,16 +320,20 @@ def check_start(root: str | Path, head: dict, setting: str = "training.init_from
     return manifest
 
 
-def load_layer(root: str | Path, layer: int, state: torch.nn.Module) -> None:
-    """Load one finished layer file into ``state`` (its fingerprint was checked when the folder was opened)."""
+def _layer_tensors(root: str | Path, layer: int) -> dict:
+    """A layer file's tensors; an unreadable file is a ConfigError that says how to retrain it."""
     path = layer_file(root, layer)
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ConfigError(
             f"checkpoint={root}: {path.name} is unreadable (truncated or corrupt: {_one_line(err)}); {_retrain(Path(root), path)}"
         ) from err
-    state.load_state_dict(tensors)
+
+
+def load_layer(root: str | Path, layer: int, state: torch.nn.Module) -> None:
+    """Load one finished layer file into ``state`` (its fingerprint was checked when the folder was opened)."""
+    state.load_state_dict(_layer_tensors(root, layer))
 
 
 def done_layers(root: Path) -> set[int]:
@@ -508,12 +512,7 @@ def load_into(states, root: str | Path, manifest: dict | None = None, model: tor
             )
     for layer, state in enumerate(states):
         path = layer_file(root, layer)
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ConfigError(
-                f"checkpoint={root}: {path.name} is unreadable (truncated or corrupt: {_one_line(err)}); {_retrain(root, path)}"
-            ) from err
+        tensors = _layer_tensors(root, layer)
         own = state.state_dict()
         if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
             raise ConfigError(

@@ -172,7 +172,7 @@ def test_truncated_layer_file_is_refused_and_can_be_retrained(compose_config, co
 
 
 def test_training_that_turns_non_finite_writes_nothing(run_train, tmp_path, monkeypatch):
-    monkeypatch.setattr(layerwise, "_copy", lambda sd: {k: torch.full_like(v, float("nan")) for k, v in sd.items()})
+    monkeypatch.setattr(layerwise, "detached_copy", lambda sd: {k: torch.full_like(v, float("nan")) for k, v in sd.items()})
     with pytest.raises(NonFiniteError, match=r"layer 0: the trained state has non-finite parameters"):
         run_train("training.epochs=1")
     folder = tmp_path / "ckpt"

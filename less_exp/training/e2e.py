@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 
 from less_exp import checkpoints
 from less_exp.adapter import attention_modules
-from less_exp.factory import instantiate_component, make_states
 from less_exp.tracking import Tracker
 from less_exp.training import output
 
@@ -58,14 +57,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     """Train all layers' states jointly into the checkpoint folder; returns the job's metrics."""
     t = cfg.training
     num_layers = len(attention_modules(model))
-    policy = instantiate_component(cfg.policy)
-    budget = policy.budget(length=t.seq_len, max_positions=model.config.max_position_embeddings)
-    torch.manual_seed(cfg.seed)
-    states = make_states(cfg, model)
-    head = checkpoints.header(cfg, model, states, budget, training=output.identity(cfg))
-    output.load_start(cfg, model, states, head)
-    root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
-    checkpoints.open_for_training(root, head)
+    states, head, root = output.open_job(cfg, model, out_dir)
     todo = len(checkpoints.done_layers(root)) < num_layers
     print(f"less-train: e2e, {num_layers} layers into {root}: " + ("training" if todo else "already done"))
     plain = None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -121,12 +120,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
         if len(windows) < t.num_sequences:
             print(f"less-train: data={cfg.data.name} split={t.split} holds {len(windows)} of the {t.num_sequences} sequences")
         train_idx, val_idx = split_domains(domains, float(t.val_fraction), cfg.seed)
-        fingerprint = {
-            "model": cfg.model.name,
-            "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-            "shape": list(windows.shape),
-            "dtype": t.record_dtype,
-        }
+        fingerprint = record.windows_fingerprint(cfg.model.name, windows, dtype=t.record_dtype)
         record_dir = Path(t.record_dir)
         chunk = t.layers_per_recording or len(todo)
         fit = LayerFit(policy, budget, plus, plus_budget, t, cfg.seed, device, root, tracker, head,
@@ -295,7 +289,7 @@ class LayerFit:
     def evaluate(self, state, o_proj, files) -> float:
         state.eval()
         total, count = 0.0, 0
-        for chunk in _chunks(files, self.t.batch_size):
+        for chunk in chunks(files, self.t.batch_size):
             err, n = self._error(state, o_proj, self._batch(chunk))
             total, count = total + err.item(), count + n
         return total / max(count, 1)
@@ -317,7 +311,7 @@ class LayerFit:
             initial = self.evaluate(state, o_proj, val_files)
             progress = {"fingerprint": checkpoints.progress_fingerprint(self.head), "epoch": 0, "history": [],
                         "initial_val_mse": initial, "best_val_mse": initial, "best_epoch": 0,
-                        "best_state": _copy(state.state_dict()), "elapsed_s": 0.0}
+                        "best_state": detached_copy(state.state_dict()), "elapsed_s": 0.0}
         else:
             state.load_state_dict(progress["state"])
             optimizer.load_state_dict(progress["optimizer"])
@@ -331,7 +325,7 @@ class LayerFit:
                 order = torch.randperm(len(train_files)).tolist()
                 state.train()
                 total, count = 0.0, 0
-                for chunk in _chunks([train_files[i] for i in order], t.batch_size):
+                for chunk in chunks([train_files[i] for i in order], t.batch_size):
                     err, n = self._error(state, o_proj, self._batch(chunk))
                     if not torch.isfinite(err):
                         raise NonFiniteError(
@@ -347,7 +341,7 @@ class LayerFit:
                 train_mse = total / count
                 val_mse = self.evaluate(state, o_proj, val_files)
                 if val_mse < progress["best_val_mse"]:
-                    progress.update(best_val_mse=val_mse, best_epoch=epoch + 1, best_state=_copy(state.state_dict()))
+                    progress.update(best_val_mse=val_mse, best_epoch=epoch + 1, best_state=detached_copy(state.state_dict()))
                 seconds = time.perf_counter() - epoch_started
                 progress["history"].append(
                     {"epoch": epoch + 1, "train_mse": train_mse, "val_mse": val_mse, "lr": lr, "seconds": seconds}
@@ -426,9 +420,11 @@ def summary_line(metrics: dict) -> str:
             f"(plain {metrics['mean_plain_mse']:.4g}, Baseline+ {metrics['mean_baseline_plus_mse']:.4g})")
 
 
-def _chunks(items: list, size: int):
+def chunks(items: list, size: int) -> list[list]:
+    """``items`` in consecutive batches of ``size`` (the last one shorter)."""
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _copy(state_dict: dict) -> dict:
+def detached_copy(state_dict: dict) -> dict:
+    """A copy of a state dict that later optimizer steps leave alone (a best epoch's parameters)."""
     return {k: v.detach().clone() for k, v in state_dict.items()}

@@ -12,7 +12,6 @@ saved after every epoch and every ``training.save_every`` steps, and every rando
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ from tqdm.auto import tqdm
 from less_exp import checkpoints, data
 from less_exp.adapter import Compression, build
 from less_exp.errors import ConfigError, NonFiniteError
-from less_exp.factory import chunk_size, instantiate_component
+from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
-from less_exp.training import layerwise, teacher
+from less_exp.training import layerwise, record, teacher
 
 AFTER = ("init", "plain")
 
@@ -60,13 +59,22 @@ def identity(cfg: DictConfig, **settings) -> dict:
     return {"mode": cfg.training.mode, "init_from": None if init is None else str(Path(init).resolve()), **settings}
 
 
-def load_start(cfg: DictConfig, model: torch.nn.Module, states, head: dict) -> None:
-    """Load ``training.init_from`` into ``states`` when set (any training mode's checkpoint for this set-up)."""
-    init = cfg.training.get("init_from")
+def open_job(cfg: DictConfig, model: torch.nn.Module, out_dir: Path, **settings) -> tuple:
+    """The job's states (loaded from ``training.init_from`` when set), fingerprint and checkpoint folder,
+    opened for training; ``settings`` are the mode's own entries of the fingerprint's ``training``."""
+    t = cfg.training
+    budget = instantiate_component(cfg.policy).budget(length=t.seq_len, max_positions=model.config.max_position_embeddings)
+    torch.manual_seed(cfg.seed)
+    states = make_states(cfg, model)
+    head = checkpoints.header(cfg, model, states, budget, training=identity(cfg, **settings))
+    init = t.get("init_from")
     if init is not None:
         manifest = checkpoints.check_start(init, head)
         checkpoints.load_into(states, init, manifest, model=model)
         print(f"less-train: starting from the {manifest['training']['mode']} states in {init}")
+    root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
+    checkpoints.open_for_training(root, head)
+    return states, head, root
 
 
 @dataclass
@@ -86,8 +94,7 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Data:
     if len(windows) < 2:
         raise ConfigError(f"data={cfg.data.name} split={t.split} has only {len(windows)} window of {t.seq_len} tokens")
     train_idx, val_idx = layerwise.split_domains(domains, float(t.val_fraction), cfg.seed)
-    fingerprint = {"model": cfg.model.name, "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-                   "shape": list(windows.shape), "top_k": int(t.top_k)}
+    fingerprint = record.windows_fingerprint(cfg.model.name, windows, top_k=int(t.top_k))
     files = teacher.record(model, windows, Path(t.record_dir) / f"teacher_top{t.top_k}", int(t.top_k), fingerprint)
     return Data(windows, train_idx, val_idx, files)
 
@@ -151,13 +158,13 @@ class OutputFit:
             progress = {"fingerprint": checkpoints.progress_fingerprint(self.head), "epoch": 0, "step": 0,
                         "epoch_kl": 0.0, "epoch_count": 0, "history": [], "initial_val_kl": initial["kl"],
                         "initial_val_ppl": initial["ppl"], "best_val_kl": initial["kl"], "best_val_ppl": initial["ppl"],
-                        "best_epoch": 0, "best_state": _copy(self.trained.state_dict()), "elapsed_s": 0.0}
+                        "best_epoch": 0, "best_state": layerwise.detached_copy(self.trained.state_dict()), "elapsed_s": 0.0}
         else:
             self.trained.load_state_dict(progress["state"])
             optimizer.load_state_dict(progress["optimizer"])
             scheduler.load_state_dict(progress["scheduler"])
         elapsed_before, resumed_at = progress["elapsed_s"], time.perf_counter()
-        steps_per_epoch = len(_chunks(self.sets.train_idx, t.batch_size))
+        steps_per_epoch = len(layerwise.chunks(self.sets.train_idx, t.batch_size))
 
         def save(**update):
             progress.update(state=self.trained.state_dict(), optimizer=optimizer.state_dict(),
@@ -172,7 +179,7 @@ class OutputFit:
                 epoch_started = time.perf_counter()
                 torch.manual_seed(layerwise.epoch_seed(self.cfg.seed, self.stage, epoch))
                 order = [self.sets.train_idx[i] for i in torch.randperm(len(self.sets.train_idx)).tolist()]
-                batches = _chunks(order, t.batch_size)
+                batches = layerwise.chunks(order, t.batch_size)
                 for step in range(progress["step"], len(batches)):
                     torch.manual_seed(layerwise.epoch_seed(self.cfg.seed, self.stage, epoch) + 7919 * (step + 1))
                     self._modes(True)
@@ -201,7 +208,7 @@ class OutputFit:
                 train_kl = progress["epoch_kl"] / max(progress["epoch_count"], 1)
                 if val["kl"] < progress["best_val_kl"]:
                     progress.update(best_val_kl=val["kl"], best_val_ppl=val["ppl"], best_epoch=epoch + 1,
-                                    best_state=_copy(self.trained.state_dict()))
+                                    best_state=layerwise.detached_copy(self.trained.state_dict()))
                 progress["history"].append({"epoch": epoch + 1, "train_kl": train_kl, "val_kl": val["kl"], "val_ppl": val["ppl"],
                                             "lr": lr, "seconds": time.perf_counter() - epoch_started})
                 save(epoch=epoch + 1, step=0, epoch_kl=0.0, epoch_count=0)
@@ -232,7 +239,7 @@ def evaluate(model, sets: Data, batch_size: int) -> dict:
     """The validation windows' KL from the teacher (mean per predicted token) and perplexity, as the model runs now."""
     device = next(model.parameters()).device
     kl_sum, nll, count = 0.0, 0.0, 0
-    for idx in _chunks(sets.val_idx, batch_size):
+    for idx in layerwise.chunks(sets.val_idx, batch_size):
         kl, n, c = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device))
         kl_sum, nll, count = kl_sum + kl.item() * c, nll + n, count + c
     return {"kl": kl_sum / count, "ppl": float(torch.tensor(nll / count).exp())}
@@ -279,11 +286,3 @@ def summary_line(metrics: dict) -> str:
     return (f"layers done {metrics['layers_done']}/{metrics['num_layers']}, validation KL / perplexity "
             f"{metrics['val_kl']:.4g} / {metrics['val_ppl']:.4f}, from {metrics['initial_val_kl']:.4g} / "
             f"{metrics['initial_val_ppl']:.4f}{plain}")
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _copy(state_dict: dict) -> dict:
-    return {k: v.detach().clone() for k, v in state_dict.items()}

@@ -18,7 +18,6 @@ job resumes from the first unfinished stage, at its last saved epoch or step.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from tqdm.auto import tqdm
 from less_exp import checkpoints
 from less_exp.adapter import attention_modules
 from less_exp.errors import ConfigError
-from less_exp.factory import instantiate_component, make_states
 from less_exp.models import DTYPES
 from less_exp.tracking import Tracker
 from less_exp.training import output, record
@@ -55,15 +53,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     """Train every unfinished stage into the checkpoint folder; returns the job's metrics."""
     t = cfg.training
     num_layers = len(attention_modules(model))
-    policy = instantiate_component(cfg.policy)
-    budget = policy.budget(length=t.seq_len, max_positions=model.config.max_position_embeddings)
-    torch.manual_seed(cfg.seed)
-    states = make_states(cfg, model)
-    head = checkpoints.header(cfg, model, states, budget,
-                              training=output.identity(cfg, window=int(t.window), after=t.after))
-    output.load_start(cfg, model, states, head)
-    root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
-    checkpoints.open_for_training(root, head)
+    states, head, root = output.open_job(cfg, model, out_dir, window=int(t.window), after=t.after)
     done = checkpoints.done_layers(root)
     plan = stages(num_layers, int(t.window))
     todo = [stage for stage in plan if not all(layer in done for layer in stage)]
@@ -119,8 +109,7 @@ def _stage_mse(cfg, model, sets, stage, record_dir):
     """Hooks that keep the stage's layers' attention outputs during a step, and the weighted mean squared
     error of those to the teacher's (recorded for the stage's layers once, with the full-cache model)."""
     t = cfg.training
-    fingerprint = {"model": cfg.model.name, "windows": hashlib.sha256(sets.windows.numpy().tobytes()).hexdigest(),
-                   "shape": list(sets.windows.shape), "dtype": t.record_dtype}
+    fingerprint = record.windows_fingerprint(cfg.model.name, sets.windows, dtype=t.record_dtype)
     record.record_layers(model, sets.windows, stage, record_dir, DTYPES[t.record_dtype], fingerprint, t.record_batch_size)
     modules = attention_modules(model)
     seen: dict[int, torch.Tensor] = {}

@@ -9,6 +9,7 @@ stops after the last recorded layer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import weakref
@@ -139,6 +140,12 @@ def record_layers(
         tmp = done.with_name(f".{DONE}.tmp")
         tmp.write_text(json.dumps({**fingerprint, "num_sequences": len(windows)}))
         os.replace(tmp, done)
+
+
+def windows_fingerprint(model_name: str, windows: torch.Tensor, **extra) -> dict:
+    """What recorded files are a function of: the model, the exact token windows, and ``extra`` (dtype, k)."""
+    return {"model": model_name, "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "shape": list(windows.shape), **extra}
 
 
 def _fingerprint(record_dir: Path, layer: int) -> dict | None:
