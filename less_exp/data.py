@@ -38,7 +38,16 @@ def is_mixture(data_cfg: DictConfig) -> bool:
     return bool(data_cfg.get("mixture"))
 
 
+def is_answers(data_cfg: DictConfig) -> bool:
+    """Answer windows (``answers``: instruction prompts on a ``source`` preset's documents followed by the
+    full-cache model's own answers, :mod:`less_exp.training.answers`), such as ``data=c4_answers``."""
+    return bool(data_cfg.get("answers"))
+
+
 def _refuse_mixture(data_cfg: DictConfig) -> None:
+    if is_answers(data_cfg):
+        raise ConfigError(f"data={data_cfg.name} is training data (answer windows on data={data_cfg.source.name}); train with "
+                          f"it (training=e2e or progressive) and evaluate on a text preset (less-eval data={data_cfg.source.name} ...)")
     raise ConfigError(f"data={data_cfg.name} is a training mixture of {', '.join(data_cfg.mixture)}; evaluate on one of "
                       f"them (less-eval data={next(iter(data_cfg.mixture))} checkpoint=...)")
 
@@ -59,6 +68,10 @@ def mixture_weights(data_cfg: DictConfig) -> dict[str, float]:
 def check_available(data_cfg: DictConfig, split: str, mixture: bool = False) -> None:
     """Fail fast, saying what to set, when ``split`` is neither on disk nor reachable on the hub (or is
     a training mixture where one data set is needed: ``mixture=True`` for training)."""
+    if is_answers(data_cfg):
+        if not mixture:
+            _refuse_mixture(data_cfg)
+        return check_available(data_cfg.source, split)
     if is_mixture(data_cfg):
         if not mixture:
             _refuse_mixture(data_cfg)
@@ -81,7 +94,7 @@ def check_available(data_cfg: DictConfig, split: str, mixture: bool = False) -> 
 
 def load_text(data_cfg: DictConfig, split: str) -> str:
     """The whole split as one string (a text file as is, or a text field's rows joined)."""
-    if is_mixture(data_cfg):
+    if is_mixture(data_cfg) or is_answers(data_cfg):
         _refuse_mixture(data_cfg)
     field = data_cfg.get("text_field", "text")
     join = data_cfg.get("join", "\n\n")
@@ -102,6 +115,26 @@ def load_text(data_cfg: DictConfig, split: str) -> str:
         return text
     hub_field = data_cfg.hub.get("text_field") or field
     return join.join(row[hub_field] for row in _hub_rows(data_cfg, split))
+
+
+def load_documents(data_cfg: DictConfig, split: str) -> list[str]:
+    """The split's documents, one string each: a jsonl file's rows (its text field), a text file's
+    non-blank lines, or the hub split's rows."""
+    check_available(data_cfg, split)
+    field = data_cfg.get("text_field", "text")
+    path = local_file(data_cfg, split)
+    if path is not None and path.is_file():
+        if path.suffix == ".jsonl":
+            docs = [_field(row, field, path, n) for n, row in _rows_of_split(data_cfg, split, _jsonl(path))]
+        else:
+            docs = [line for line in load_text(data_cfg, split).splitlines() if line.strip()]
+    else:
+        hub_field = data_cfg.hub.get("text_field") or field
+        docs = [row[hub_field] for row in _hub_rows(data_cfg, split)]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ConfigError(f"data={data_cfg.name} split={split} holds no documents")
+    return docs
 
 
 def load_records(data_cfg: DictConfig, split: str) -> list[dict]:

@@ -76,6 +76,9 @@ def validate(cfg: DictConfig) -> None:
         policy.check_fits(policy.budget(length=t.seq_len, max_positions=int(cfg.model.max_length)), t.seq_len)
     except ValueError as err:
         raise ConfigError(f"training.seq_len={t.seq_len}: {err}") from err
+    if data.is_answers(cfg.data) and t.mode == "layerwise":
+        raise ConfigError(f"data={cfg.data.name} (answer windows) trains on the model's output: use training=e2e or "
+                          "training=progressive, or a text preset (data=c4) for layer-wise training")
     data.check_available(cfg.data, t.split, mixture=True)
 
 

@@ -26,7 +26,7 @@ from less_exp.adapter import Compression, build
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
-from less_exp.training import layerwise, record, teacher
+from less_exp.training import answers, layerwise, record, teacher
 
 AFTER = ("init", "plain")
 
@@ -44,6 +44,8 @@ def validate(cfg: DictConfig) -> None:
     weight = t.get("mse_weight", 0.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f"training.mse_weight={weight!r} must be a number >= 0")
+    if data.is_answers(cfg.data):
+        answers.validate(cfg.data.answers, int(t.seq_len))
     init = t.get("init_from")
     if init is not None:
         if not (Path(init) / checkpoints.MANIFEST).is_file():
@@ -79,24 +81,37 @@ def open_job(cfg: DictConfig, model: torch.nn.Module, out_dir: Path, **settings)
 
 @dataclass
 class Data:
-    """The token windows, their split and the teacher's per-sequence top-k files."""
+    """The token windows, their split, the teacher's per-sequence top-k files and, for answer windows,
+    the loss weights of the predicting positions ``[N, S - 1]`` and which of them predict an answer."""
 
     windows: torch.Tensor
     train_idx: list[int]
     val_idx: list[int]
     targets: list[Path]
+    weights: torch.Tensor | None = None
+    answer: torch.Tensor | None = None
+
+    def batch_weights(self, idx: list[int], device) -> torch.Tensor | None:
+        return None if self.weights is None else self.weights[idx].to(device)
 
 
 def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Data:
     """Tokenize the training split, split it, and record the teacher (call while the model runs full attention)."""
     t = cfg.training
-    windows, domains = data.training_windows(cfg.data, tokenizer, t.split, t.seq_len, t.num_sequences)
+    weights = answer = None
+    if data.is_answers(cfg.data):
+        windows, answer = answers.build(cfg.data, model, tokenizer, t.split, t.seq_len, t.num_sequences,
+                                        Path(t.record_dir), cfg.model.name)
+        domains = [str(cfg.data.name)] * len(windows)
+        weights, answer = answers.position_weights(answer, float(cfg.data.answers.weight)), answer[:, 1:]
+    else:
+        windows, domains = data.training_windows(cfg.data, tokenizer, t.split, t.seq_len, t.num_sequences)
     if len(windows) < 2:
         raise ConfigError(f"data={cfg.data.name} split={t.split} has only {len(windows)} window of {t.seq_len} tokens")
     train_idx, val_idx = layerwise.split_domains(domains, float(t.val_fraction), cfg.seed)
     fingerprint = record.windows_fingerprint(cfg.model.name, windows, top_k=int(t.top_k))
     files = teacher.record(model, windows, Path(t.record_dir) / f"teacher_top{t.top_k}", int(t.top_k), fingerprint)
-    return Data(windows, train_idx, val_idx, files)
+    return Data(windows, train_idx, val_idx, files, weights, answer)
 
 
 def attach(cfg: DictConfig, model: torch.nn.Module, states) -> Compression:
@@ -108,14 +123,17 @@ def attach(cfg: DictConfig, model: torch.nn.Module, states) -> Compression:
     return comp
 
 
-def losses(model: torch.nn.Module, ids: torch.Tensor, target: teacher.TopK) -> tuple[torch.Tensor, float, int]:
-    """The mean top-k KL over the predicting positions of ``ids [B, S]`` (with its graph), and the summed
-    next-token negative log-likelihood and its count (numbers, for perplexity)."""
+def losses(model: torch.nn.Module, ids: torch.Tensor, target: teacher.TopK,
+           weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int, torch.Tensor]:
+    """The top-k KL over the predicting positions of ``ids [B, S]``, averaged (weighted by ``weights
+    [B, S - 1]`` when given) with its graph; the summed next-token negative log-likelihood and its count
+    (numbers, for perplexity); and the per-position KL ``[B, S - 1]`` (detached)."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    kl = teacher.top_k_kl(logits, target).mean()
+    per_position = teacher.top_k_kl(logits, target)
+    kl = per_position.mean() if weights is None else (per_position * weights).sum() / weights.sum()
     with torch.no_grad():
         nll = torch.nn.functional.cross_entropy(logits.detach().float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-    return kl, nll.item(), ids[:, 1:].numel()
+    return kl, nll.item(), ids[:, 1:].numel(), per_position.detach()
 
 
 class OutputFit:
@@ -157,7 +175,8 @@ class OutputFit:
             initial = self.evaluate()
             progress = {"fingerprint": checkpoints.progress_fingerprint(self.head), "epoch": 0, "step": 0,
                         "epoch_kl": 0.0, "epoch_count": 0, "history": [], "initial_val_kl": initial["kl"],
-                        "initial_val_ppl": initial["ppl"], "best_val_kl": initial["kl"], "best_val_ppl": initial["ppl"],
+                        "initial_val_ppl": initial["ppl"], "initial_val_answer_kl": initial.get("answer_kl"),
+                        "best_val_kl": initial["kl"], "best_val_ppl": initial["ppl"], "best_val_answer_kl": initial.get("answer_kl"),
                         "best_epoch": 0, "best_state": layerwise.detached_copy(self.trained.state_dict()), "elapsed_s": 0.0}
         else:
             self.trained.load_state_dict(progress["state"])
@@ -184,7 +203,7 @@ class OutputFit:
                     torch.manual_seed(layerwise.epoch_seed(self.cfg.seed, self.stage, epoch) + 7919 * (step + 1))
                     self._modes(True)
                     idx = batches[step]
-                    kl, _, _ = losses(self.model, self._ids(idx), self._targets(idx))
+                    kl, _, _, _ = losses(self.model, self._ids(idx), self._targets(idx), self.sets.batch_weights(idx, self.device))
                     loss = kl + (self.mse(idx) if self.mse is not None else 0.0)
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"{self.label}, epoch {epoch + 1}, step {step + 1}: the training loss is "
@@ -207,12 +226,15 @@ class OutputFit:
                                          f"{val['kl']} / {val['ppl']}; lower training.lr")
                 train_kl = progress["epoch_kl"] / max(progress["epoch_count"], 1)
                 if val["kl"] < progress["best_val_kl"]:
-                    progress.update(best_val_kl=val["kl"], best_val_ppl=val["ppl"], best_epoch=epoch + 1,
+                    progress.update(best_val_kl=val["kl"], best_val_ppl=val["ppl"], best_val_answer_kl=val.get("answer_kl"),
+                                    best_epoch=epoch + 1,
                                     best_state=layerwise.detached_copy(self.trained.state_dict()))
                 progress["history"].append({"epoch": epoch + 1, "train_kl": train_kl, "val_kl": val["kl"], "val_ppl": val["ppl"],
+                                            "val_answer_kl": val.get("answer_kl"),
                                             "lr": lr, "seconds": time.perf_counter() - epoch_started})
                 save(epoch=epoch + 1, step=0, epoch_kl=0.0, epoch_count=0)
                 self.tracker.log({f"{self.name}/val_kl": val["kl"], f"{self.name}/val_ppl": val["ppl"],
+                                  **({f"{self.name}/val_answer_kl": val["answer_kl"]} if "answer_kl" in val else {}),
                                   f"{self.name}/train_kl_epoch": train_kl, "epoch": epoch + 1, "lr": lr})
                 bar.set_postfix(val_kl=f"{val['kl']:.4g}", val_ppl=f"{val['ppl']:.4g}")
         self.trained.load_state_dict(progress["best_state"])
@@ -224,6 +246,8 @@ class OutputFit:
             "val_ppl": progress["best_val_ppl"],
             "initial_val_kl": progress["initial_val_kl"],
             "initial_val_ppl": progress["initial_val_ppl"],
+            "val_answer_kl": progress.get("best_val_answer_kl"),
+            "initial_val_answer_kl": progress.get("initial_val_answer_kl"),
             "best_epoch": progress["best_epoch"],
             "epochs": t.epochs,
             "num_train": len(self.sets.train_idx),
@@ -236,13 +260,22 @@ class OutputFit:
 
 @torch.no_grad()
 def evaluate(model, sets: Data, batch_size: int) -> dict:
-    """The validation windows' KL from the teacher (mean per predicted token) and perplexity, as the model runs now."""
+    """The validation windows' KL from the teacher (per predicted token, weighted as training weighs it)
+    and perplexity, as the model runs now; for answer windows also the KL on the answer tokens alone."""
     device = next(model.parameters()).device
-    kl_sum, nll, count = 0.0, 0.0, 0
+    kl_sum, weight_sum, nll, count, answer_sum, answer_count = 0.0, 0.0, 0.0, 0, 0.0, 0
     for idx in layerwise.chunks(sets.val_idx, batch_size):
-        kl, n, c = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device))
-        kl_sum, nll, count = kl_sum + kl.item() * c, nll + n, count + c
-    return {"kl": kl_sum / count, "ppl": float(torch.tensor(nll / count).exp())}
+        weights = sets.batch_weights(idx, device)
+        _, n, c, per = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device))
+        w = torch.ones_like(per) if weights is None else weights
+        kl_sum, weight_sum, nll, count = kl_sum + (per * w).sum().item(), weight_sum + w.sum().item(), nll + n, count + c
+        if sets.answer is not None:
+            mask = sets.answer[idx].to(device)
+            answer_sum, answer_count = answer_sum + per[mask].sum().item(), answer_count + int(mask.sum())
+    result = {"kl": kl_sum / weight_sum, "ppl": float(torch.tensor(nll / count).exp())}
+    if answer_count:
+        result["answer_kl"] = answer_sum / answer_count
+    return result
 
 
 def plain_baseline(model, comp: Compression, sets: Data, batch_size: int) -> dict:
@@ -273,6 +306,9 @@ def summarize(root: Path, trained: list[int], tracker: Tracker, plain: dict | No
         "initial_val_kl": layers[min(layers)]["initial_val_kl"] if layers else None,
         "initial_val_ppl": layers[min(layers)]["initial_val_ppl"] if layers else None,
         **({"plain_val_kl": plain["kl"], "plain_val_ppl": plain["ppl"]} if plain else {}),
+        **({"plain_val_answer_kl": plain["answer_kl"]} if plain and "answer_kl" in plain else {}),
+        **({"val_answer_kl": last["val_answer_kl"], "initial_val_answer_kl": layers[min(layers)].get("initial_val_answer_kl")}
+           if last.get("val_answer_kl") is not None else {}),
         "state_token_equivalents": manifest["state_token_equivalents"],
         "train_s": round(sum({m.get("stage_first", k): m.get("duration_s", 0.0) for k, m in layers.items()}.values()), 1),
         "state_parameters": state_parameters,
@@ -281,8 +317,11 @@ def summarize(root: Path, trained: list[int], tracker: Tracker, plain: dict | No
 
 
 def summary_line(metrics: dict) -> str:
+    answer = (f"; answer tokens' KL {metrics['val_answer_kl']:.4g} from {metrics['initial_val_answer_kl']:.4g}"
+              + (f" (plain {metrics['plain_val_answer_kl']:.4g})" if metrics.get("plain_val_answer_kl") is not None else "")
+              if metrics.get("val_answer_kl") is not None else "")
     plain = (f" (plain policy {metrics['plain_val_kl']:.4g} / {metrics['plain_val_ppl']:.4f})"
              if metrics.get("plain_val_kl") is not None else "")
     return (f"layers done {metrics['layers_done']}/{metrics['num_layers']}, validation KL / perplexity "
             f"{metrics['val_kl']:.4g} / {metrics['val_ppl']:.4f}, from {metrics['initial_val_kl']:.4g} / "
-            f"{metrics['initial_val_ppl']:.4f}{plain}")
+            f"{metrics['initial_val_ppl']:.4f}{plain}" + answer)

@@ -1,0 +1,136 @@
+"""Answer windows: training text that looks like what a served model meets, an instruction prompt on a
+document followed by the model's own answer.
+
+Teacher-forced running text never shows a state the positions where generation fails: an answer
+that follows an instruction while the document it is about sits evicted in the state. An answer
+window packs, into ``seq_len`` tokens, episodes of a ``source`` document (the training split of a
+text preset such as C4) inside an instruction ``template``, each followed by the full-cache model's
+greedy answer (cut at ``stop``, at most ``max_new_tokens``). Earlier episodes of a window stay in
+context, so a later answer is written with older documents evicted, as in a conversation. Windows
+are built once per set-up and cached; the mask of answer tokens weights the loss
+(``data.answers.weight``, the weight of a position that predicts an answer token relative to one
+that predicts document text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from less_exp import data
+from less_exp.errors import ConfigError
+
+KEYS = ("templates", "max_doc_tokens", "min_doc_tokens", "max_new_tokens", "stop", "weight")
+
+
+def validate(answers: DictConfig, seq_len: int) -> None:
+    """One line naming the ``data.answers`` setting that cannot work."""
+    missing = [k for k in KEYS if k not in answers]
+    if missing:
+        raise ConfigError(f"data.answers lacks {', '.join(missing)}; see conf/data/c4_answers.yaml")
+    templates = list(answers.templates)
+    if not templates or any(not isinstance(t, str) or "{text}" not in t for t in templates):
+        raise ConfigError("data.answers.templates must be a non-empty list of strings, each with a {text} field for the document")
+    for key in ("max_doc_tokens", "min_doc_tokens", "max_new_tokens"):
+        value = answers[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"data.answers.{key}={value!r} must be a positive integer")
+    if answers.min_doc_tokens > answers.max_doc_tokens:
+        raise ConfigError(f"data.answers.min_doc_tokens={answers.min_doc_tokens} exceeds max_doc_tokens={answers.max_doc_tokens}")
+    if answers.min_doc_tokens + answers.max_new_tokens >= seq_len:
+        raise ConfigError(f"data.answers.min_doc_tokens + max_new_tokens = {answers.min_doc_tokens + answers.max_new_tokens} "
+                          f"leave no room in training.seq_len={seq_len}; lower them or raise seq_len")
+    weight = answers.weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise ConfigError(f"data.answers.weight={weight!r} must be a number > 0 (1: answers weigh like document text)")
+    if answers.stop is not None and not isinstance(answers.stop, str):
+        raise ConfigError(f"data.answers.stop={answers.stop!r} must be a string or null")
+
+
+def position_weights(answer: torch.Tensor, weight: float) -> torch.Tensor:
+    """Loss weights ``[N, S - 1]`` of the predicting positions: ``weight`` where the predicted token
+    (the next one) is an answer token, 1 elsewhere."""
+    return torch.where(answer[:, 1:], torch.tensor(float(weight)), torch.tensor(1.0))
+
+
+def _answer(model, tokenizer, context: list[int], answers: DictConfig) -> list[int]:
+    """The model's greedy answer to ``context`` (as it runs now), cut before ``stop``."""
+    device = next(model.parameters()).device
+    stop = {"stop_strings": [answers.stop], "tokenizer": tokenizer} if answers.stop else {}
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([context], device=device), max_new_tokens=int(answers.max_new_tokens),
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **stop)
+    text = tokenizer.decode(out[0, len(context):], skip_special_tokens=True)
+    if answers.stop and answers.stop in text:
+        text = text[: text.index(answers.stop)]
+    text = text.rstrip() + "\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, seq_len: int) -> tuple[list[int], list[bool]]:
+    ids: list[int] = []
+    mask: list[bool] = []
+    for n, doc in docs:
+        template = templates[n % len(templates)]
+        head, tail = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in template.split("{text}", 1))
+        room = seq_len - len(ids) - len(head) - len(tail) - int(answers.max_new_tokens)
+        doc_ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if room < answers.min_doc_tokens:  # no room for an episode: the window ends with running text
+            ids += doc_ids[: seq_len - len(ids)]
+            mask += [False] * (seq_len - len(mask))
+            break
+        prompt = head + doc_ids[: min(room, int(answers.max_doc_tokens))] + tail
+        ids += prompt
+        mask += [False] * len(prompt)
+        reply = _answer(model, tokenizer, ids, answers)
+        ids += reply
+        mask += [True] * len(reply)
+        if len(ids) >= seq_len:
+            break
+    return ids[:seq_len], mask[:seq_len]
+
+
+def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, seq_len: int, count: int,
+          cache_dir: Path, model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` answer windows ``[N, seq_len]`` and their answer-token mask (bool, same shape).
+
+    Call while the model runs full attention: it writes the answers. The result is cached in
+    ``cache_dir`` under a hash of the model, the source documents and the settings.
+    """
+    answers = data_cfg.answers
+    validate(answers, seq_len)
+    docs = data.load_documents(data_cfg.source, split)
+    settings = OmegaConf.to_container(answers, resolve=True)
+    key = hashlib.sha256(json.dumps({"model": model_name, "settings": settings, "seq_len": seq_len, "count": count,
+                                     "docs": hashlib.sha256("\x00".join(docs).encode()).hexdigest()},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"answers_{key}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return saved["windows"], saved["answer"]
+    templates = list(answers.templates)
+    stream = iter(enumerate(docs))
+    rows, masks = [], []
+    with tqdm(total=count, desc="answer windows", unit="window") as bar:
+        while len(rows) < count:
+            ids, mask = _window(model, tokenizer, stream, templates, answers, seq_len)
+            if len(ids) < seq_len:
+                break
+            rows.append(ids)
+            masks.append(mask)
+            bar.update(1)
+    if len(rows) < 2:
+        raise ConfigError(f"data={data_cfg.name}: the {len(docs)} documents of data={data_cfg.source.name} split={split} "
+                          f"fill only {len(rows)} answer window of {seq_len} tokens; lower training.seq_len")
+    windows, answer = torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"windows": windows, "answer": answer}, tmp)
+    os.replace(tmp, path)
+    return windows, answer

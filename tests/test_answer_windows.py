@@ -1,0 +1,110 @@
+"""Answer windows (data=c4_answers): instruction prompts on documents followed by the full-cache model's
+own greedy answers, their loss weights, caching, training on them and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from less_exp import eval as eval_job, train as train_job
+from less_exp.errors import ConfigError
+from less_exp.models import load_model
+from less_exp.training import answers, output, teacher
+from tiny_training import EVAL, TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ANSWERS = ["data=c4_answers", "data.answers.templates=['Q {text} A:','T {text} ?']", "data.answers.min_doc_tokens=8",
+           "data.answers.max_doc_tokens=24", "data.answers.max_new_tokens=8", "data.answers.stop=null"]
+E2E = [*TINY, "training=e2e", "training.num_sequences=6", "training.epochs=2", "training.lr=3e-2", *ANSWERS]
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True."""
+    runs, start = [], None
+    for i, flag in enumerate(mask.tolist() + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compose_config, tmp_path, monkeypatch):
+    cfg = compose_config("train", E2E)
+    model, tokenizer = load_model(cfg.model)
+    windows, answer = answers.build(cfg.data, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)
+    assert windows.shape == answer.shape == (4, 64) and answer.dtype == torch.bool
+    episodes = 0
+    for ids, mask in zip(windows, answer):
+        runs = _runs(mask)
+        assert runs, "every window holds at least one answer"
+        for start, stop in runs:
+            if stop == 64:
+                continue  # cut by the window's end
+            greedy = model.generate(input_ids=ids[None, :start], max_new_tokens=8, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)[0, start:]
+            expected = tokenizer.decode(greedy, skip_special_tokens=True).rstrip() + "\n"
+            assert tokenizer.decode(ids[start:stop]) == expected
+            episodes += 1
+    assert episodes >= 4
+    assert not answer[:, :2].any(), "a window opens with a prompt"
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cached build generates nothing")
+
+    monkeypatch.setattr(model, "generate", no_generation)
+    again = answers.build(cfg.data, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)
+    assert torch.equal(again[0], windows) and torch.equal(again[1], answer)
+
+
+def test_the_answer_weight_lands_on_the_positions_that_predict_answer_tokens():
+    answer = torch.tensor([[False, False, True, True, False]])
+    weights = answers.position_weights(answer, 4.0)
+    assert weights.tolist() == [[1.0, 4.0, 4.0, 1.0]]
+
+
+def test_weighted_losses_equal_the_mean_at_unit_weights_and_follow_the_weights(compose_config):
+    cfg = compose_config("train", E2E)
+    model, _ = load_model(cfg.model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = teacher.top_k_targets(model(input_ids=ids).logits[:, :-1] * 2, 16)
+        mean, _, _, per = output.losses(model, ids, target)
+        ones, _, _, _ = output.losses(model, ids, target, torch.ones(2, 31))
+        only_first = torch.zeros(2, 31)
+        only_first[:, 0] = 1.0
+        first, _, _, _ = output.losses(model, ids, target, only_first)
+    torch.testing.assert_close(ones, mean)
+    torch.testing.assert_close(mean, per.mean())
+    torch.testing.assert_close(first, per[:, 0].mean())
+
+
+def test_e2e_on_answer_windows_lowers_the_answer_tokens_kl(compose_config, tmp_path):
+    metrics = train_job.train(compose_config("train", [*E2E, f"checkpoint={tmp_path / 'ckpt'}"]))
+    assert metrics["complete"]
+    assert metrics["val_answer_kl"] < 0.7 * metrics["initial_val_answer_kl"]
+    assert metrics["val_answer_kl"] < metrics["plain_val_answer_kl"]
+    assert metrics["val_kl"] < metrics["initial_val_kl"]
+    trained = eval_job.evaluate(compose_config("eval", [*EVAL, "task=perplexity", f"checkpoint={tmp_path / 'ckpt'}"]))
+    assert torch.isfinite(torch.tensor(trained["perplexity"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.answers.templates=['no field']", r"data\.answers\.templates .* \{text\}"),
+    ("data.answers.max_new_tokens=0", r"data\.answers\.max_new_tokens=0 must be a positive integer"),
+    ("data.answers.max_new_tokens=60", r"min_doc_tokens \+ max_new_tokens = 68 leave no room in training\.seq_len=64"),
+    ("data.answers.weight=0", r"data\.answers\.weight=0 must be a number > 0"),
+])
+def test_bad_answer_settings_are_refused_before_the_model_loads(compose_config, override, message, monkeypatch):
+    monkeypatch.setattr(train_job, "load_model", lambda *a, **k: pytest.fail("the model loaded"), raising=False)
+    with pytest.raises(ConfigError, match=message):
+        train_job.train(compose_config("train", [*E2E, override]))
+
+
+def test_answer_windows_are_refused_for_layerwise_training_and_for_evaluation(compose_config):
+    with pytest.raises(ConfigError, match=r"data=c4_answers .*training=e2e or training=progressive"):
+        train_job.train(compose_config("train", [*TINY, *ANSWERS]))
+    with pytest.raises(ConfigError, match=r"data=c4_answers is training data .*less-eval data=c4"):
+        eval_job.evaluate(compose_config("eval", [*EVAL, "task=perplexity", *ANSWERS[:1]]))
