@@ -3,6 +3,8 @@ own greedy answers, their loss weights, caching, training on them and the refusa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -57,6 +59,15 @@ def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compos
     monkeypatch.setattr(model, "generate", no_generation)
     again = answers.build(cfg.data, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)
     assert torch.equal(again[0], windows) and torch.equal(again[1], answer)
+
+
+def test_short_documents_at_a_windows_end_fill_it_and_the_set_goes_on(compose_config, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": text}) + "\n" for text in ["word " * 12, "tiny", "bit", "end"] * 30))
+    cfg = compose_config("train", [*E2E, f"data.source.local.files.train={docs}", "data.source.local.rows=null"])
+    model, tokenizer = load_model(cfg.model)
+    windows, answer = answers.build(cfg.data, model, tokenizer, "train", 64, 12, tmp_path / "cache", cfg.model.name)
+    assert windows.shape == (12, 64) and answer.any(1).all()
 
 
 def test_the_answer_weight_lands_on_the_positions_that_predict_answer_tokens():

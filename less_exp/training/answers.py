@@ -82,9 +82,12 @@ def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, s
         room = seq_len - len(ids) - len(head) - len(tail) - int(answers.max_new_tokens)
         doc_ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
         if room < answers.min_doc_tokens:  # no room for an episode: the window ends with running text
-            ids += doc_ids[: seq_len - len(ids)]
-            mask += [False] * (seq_len - len(mask))
-            break
+            filler = doc_ids[: seq_len - len(ids)]
+            ids += filler
+            mask += [False] * len(filler)
+            if len(ids) >= seq_len:
+                break
+            continue
         prompt = head + doc_ids[: min(room, int(answers.max_doc_tokens))] + tail
         ids += prompt
         mask += [False] * len(prompt)
