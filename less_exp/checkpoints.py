@@ -153,7 +153,7 @@ def header(cfg: DictConfig, model: torch.nn.Module, states, budget, training: di
         "feature_map": OmegaConf.to_container(cfg.feature_map, resolve=True),
         "normalizer": OmegaConf.to_container(cfg.normalizer, resolve=True),
         "settings": states[0].settings(),
-        "training": training or {"mode": cfg.training.mode},
+        "training": training or {"mode": cfg.training.mode, "data": str(cfg.data.name)},
         "state_token_equivalents": states.token_equivalents(),
     }
     for group in OPTIONAL_COMPONENTS:

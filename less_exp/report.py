@@ -251,6 +251,9 @@ def _setting_order(value: Any) -> tuple:
     return (2, 0, setting_text(value))
 
 
+TRAINING_DATA_DEFAULT = "wikitext2"  # conf/train.yaml's data, left out of labels
+
+
 def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool = True) -> str:
     """``h2o``, ``h2o+less_mlp``, ``sink+less_mlp(ckpt)``, ``sink(baseline+)``, ``full``.
 
@@ -259,7 +262,8 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
     is false for train jobs, whose checkpoint is their output). A checkpoint run names the
     components the checkpoint brought (its manifest's feature map, gating, re-weighting and
     normaliser, where the run left them at their defaults) when the manifest can be read, and the
-    training mode when it is not layer-wise (``[training=progressive]``).
+    training mode when it is not layer-wise (``[training=progressive]``) and the training data when it
+    is not WikiText-2 (``[data=c4_answers]``).
     """
     if policy == "full":
         return "full"
@@ -284,6 +288,12 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
     mode = trained_by.get("mode") if isinstance(trained_by, Mapping) else None
     if mode not in (None, "layerwise"):
         others.append(f"training={mode}")
+    if checkpoint:
+        trained_on = trained_by.get("data") if isinstance(trained_by, Mapping) else None
+    else:  # a training job: its own data
+        trained_on = (config.get("data") or {}).get("name") if isinstance(trained_by, Mapping) else None
+    if trained_on not in (None, TRAINING_DATA_DEFAULT):
+        others.append(f"data={trained_on}")
     return policy + f"+{feature_map}" + (f"[{','.join(others)}]" if others else "") + ("(ckpt)" if checkpoint else "")
 
 

@@ -62,7 +62,7 @@ def test_every_layer_file_carries_the_fingerprint_of_its_training(trained):
     model = found["model"]
     assert model["model_type"] == "llama" and model["num_layers"] == 2 and model["head_dim"] == 16
     assert len(model["config_hash"]) == 16 and len(model["weights_hash"]) == 16
-    assert found["training"] == {"mode": "layerwise"} and found["policy"]["name"] == "sink"
+    assert found["training"] == {"mode": "layerwise", "data": "wikitext2"} and found["policy"]["name"] == "sink"
 
 
 def test_hashes_identify_the_model_not_its_load(compose_config):
@@ -83,7 +83,7 @@ def test_relabelling_a_folder_of_other_states_is_refused(run_train, copy_of):
         run_train(*H2O, checkpoint=folder)
     assert not (folder / "manifest.json").exists()
     with pytest.raises(ConfigError, match=r"layer_000\.safetensors was trained with training.mode=layerwise"):
-        checkpoints.open_for_training(folder, {**checkpoints.read_layer(folder, 0)[0], "training": {"mode": "e2e"}})
+        checkpoints.open_for_training(folder, {**checkpoints.read_layer(folder, 0)[0], "training": {"mode": "e2e", "data": "wikitext2"}})
 
     again = run_train("training.epochs=1", checkpoint=folder)
     assert again["layers_skipped"] == [0, 1] and again["complete"]

@@ -91,7 +91,7 @@ def test_progressive_lowers_the_output_kl_layer_by_layer(run, tmp_path):
     assert layers["0"]["stage_first"] == 0 and layers["1"]["stage_first"] == 1
     assert layers["1"]["initial_val_kl"] < layers["0"]["initial_val_kl"], "stage 1 starts from stage 0's trained layer"
     manifest = checkpoints.read_manifest(tmp_path / "ckpt")
-    assert manifest["training"] == {"mode": "progressive", "init_from": None, "window": 1, "after": "init"}
+    assert manifest["training"] == {"mode": "progressive", "data": "wikitext2", "init_from": None, "window": 1, "after": "init"}
     assert not list((tmp_path / "ckpt" / "progress").glob("*.pt"))
 
 

@@ -169,6 +169,15 @@ def test_method_label_names_the_state(tmp_path):
     assert report.method_label(progressive, "sink") == "sink+less_mlp[training=progressive](ckpt)"
     e2e_job = {**_config("perplexity", "sink", "less_mlp", "ckpt/e2e"), "training": {"mode": "e2e"}}
     assert report.method_label(e2e_job, "sink", loads_checkpoint=False) == "sink+less_mlp[training=e2e]"
+    (tmp_path / "answers").mkdir()  # ... and on what, when not the default WikiText-2
+    (tmp_path / "answers" / "manifest.json").write_text(json.dumps({
+        "feature_map": {"name": "less_mlp"}, "training": {"mode": "e2e", "data": "c4_answers"}}))
+    answers = {**_config("perplexity", "sink", checkpoint="answers"), "paths": {"root_dir": str(tmp_path)}}
+    assert report.method_label(answers, "sink") == "sink+less_mlp[training=e2e,data=c4_answers](ckpt)"
+    mixture_job = {**e2e_job, "data": {"name": "c4_wikitext2"}}
+    assert report.method_label(mixture_job, "sink", loads_checkpoint=False) == "sink+less_mlp[training=e2e,data=c4_wikitext2]"
+    wikitext_job = {**e2e_job, "data": {"name": "wikitext2"}}
+    assert report.method_label(wikitext_job, "sink", loads_checkpoint=False) == "sink+less_mlp[training=e2e]"
 
 
 def test_no_results_is_an_error_with_exit_code_2(tmp_path):

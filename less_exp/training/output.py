@@ -55,10 +55,11 @@ def validate(cfg: DictConfig) -> None:
 
 
 def identity(cfg: DictConfig, **settings) -> dict:
-    """What the checkpoint's fingerprint records of the training: the mode, the checkpoint it started
-    from (absolute) and the mode's settings that decide the parameters."""
+    """What the checkpoint's fingerprint records of the training: the mode, the data preset, the
+    checkpoint it started from (absolute) and the mode's settings that decide the parameters."""
     init = cfg.training.get("init_from")
-    return {"mode": cfg.training.mode, "init_from": None if init is None else str(Path(init).resolve()), **settings}
+    return {"mode": cfg.training.mode, "data": str(cfg.data.name),
+            "init_from": None if init is None else str(Path(init).resolve()), **settings}
 
 
 def open_job(cfg: DictConfig, model: torch.nn.Module, out_dir: Path, **settings) -> tuple:
