@@ -271,6 +271,7 @@ def test_plain_layers_run_the_policy_alone(compose_config):
         (["training=e2e", "training.top_k=0"], r"training\.top_k=0 must be a positive integer"),
         (["training=e2e", "training.save_every=0"], r"training\.save_every=0"),
         (["training=progressive", "training.mse_weight=-1"], r"training\.mse_weight=-1"),
+        (["training=e2e", "training.gradient_checkpointing=maybe"], r"training\.gradient_checkpointing='maybe' must be true or false"),
         (["training=e2e", "training.init_from=/no/such/folder"], r"training\.init_from=/no/such/folder: no manifest\.json"),
     ],
 )

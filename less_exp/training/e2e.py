@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from less_exp import checkpoints
 from less_exp.adapter import attention_modules
+from less_exp.errors import ConfigError
 from less_exp.tracking import Tracker
 from less_exp.training import output
 
@@ -28,6 +29,8 @@ summary_line = output.summary_line
 
 def validate(cfg: DictConfig) -> None:
     output.validate(cfg)
+    if not isinstance(cfg.training.get("gradient_checkpointing"), bool):
+        raise ConfigError(f"training.gradient_checkpointing={cfg.training.get('gradient_checkpointing')!r} must be true or false")
 
 
 @contextmanager
@@ -65,7 +68,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
         sets = output.prepare(cfg, model, tokenizer)
         comp = output.attach(cfg, model, states)
         plain = output.plain_baseline(model, comp, sets, t.batch_size)
-        with checkpointed(model, bool(t.gradient_checkpointing)):
+        with checkpointed(model, t.gradient_checkpointing):
             fit = output.OutputFit(cfg, model, comp, sets, list(states), root, head, tracker, PROGRESS, 0, "e2e")
             metrics = fit()
         for layer in range(num_layers):
