@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from less_exp import eval as eval_job, train as train_job
+from less_exp import eval as eval_job, factory, train as train_job
+from less_exp.adapter import LessCache, build, cache_kwargs, switch
 from less_exp.errors import ConfigError
 from less_exp.models import load_model
 from less_exp.training import answers, output, teacher
@@ -70,6 +71,39 @@ def test_short_documents_at_a_windows_end_fill_it_and_the_set_goes_on(compose_co
     assert windows.shape == (12, 64) and answer.any(1).all()
 
 
+def test_the_student_share_of_answers_is_the_students_own_generation_with_the_real_cache(compose_config, tmp_path):
+    cfg = compose_config("train", [*E2E, "data.answers.student_share=1.0"])
+    model, tokenizer = load_model(cfg.model)
+    torch.manual_seed(0)
+    states = factory.make_states(cfg, model)
+    student = build(model, factory.instantiate_component(cfg.policy), states)
+    states.eval()
+    switch(model, None)
+    windows, answer = answers.build(cfg.data, model, tokenizer, "train", 64, 3, tmp_path / "cache", cfg.model.name, student)
+    teacher_windows, _ = answers.build(compose_config("train", E2E).data, model, tokenizer, "train", 64, 3,
+                                       tmp_path / "cache", cfg.model.name)
+    assert not torch.equal(windows, teacher_windows), "the student answers otherwise than the full-cache model"
+    start, stop = _runs(answer[0])[0]
+    switch(model, student)
+    greedy = model.generate(input_ids=windows[:1, :start], max_new_tokens=8, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id, **cache_kwargs(LessCache(model)))[0, start:]
+    switch(model, None)
+    assert tokenizer.decode(windows[0, start:stop]) == tokenizer.decode(greedy, skip_special_tokens=True).rstrip() + "\n"
+    assert model.config._attn_implementation == "sdpa", "the build leaves the model on full attention for the teacher"
+    states.requires_grad_(False)
+    with torch.no_grad():
+        states[0].parameters().__next__().add_(1.0)
+    again, _ = answers.build(cfg.data, model, tokenizer, "train", 64, 3, tmp_path / "cache", cfg.model.name, student)
+    assert len(list((tmp_path / "cache").glob("answers_*.pt"))) == 3, "other student parameters are another cache entry"
+
+
+def test_the_student_answers_its_share_of_the_episodes_spread_evenly():
+    assert [answers.student_writes(e, 0.5) for e in range(6)] == [False, True, False, True, False, True]
+    assert sum(answers.student_writes(e, 0.25) for e in range(100)) == 25
+    assert not any(answers.student_writes(e, 0.0) for e in range(10))
+    assert all(answers.student_writes(e, 1.0) for e in range(10))
+
+
 def test_the_answer_weight_lands_on_the_positions_that_predict_answer_tokens():
     answer = torch.tensor([[False, False, True, True, False]])
     weights = answers.position_weights(answer, 4.0)
@@ -92,8 +126,10 @@ def test_weighted_losses_equal_the_mean_at_unit_weights_and_follow_the_weights(c
     torch.testing.assert_close(first, per[:, 0].mean())
 
 
-def test_e2e_on_answer_windows_lowers_the_answer_tokens_kl(compose_config, tmp_path):
-    metrics = train_job.train(compose_config("train", [*E2E, f"checkpoint={tmp_path / 'ckpt'}"]))
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_e2e_on_answer_windows_lowers_the_answer_tokens_kl(compose_config, tmp_path, share):
+    metrics = train_job.train(compose_config("train", [*E2E, f"data.answers.student_share={share}",
+                                                       f"checkpoint={tmp_path / 'ckpt'}"]))
     assert metrics["complete"]
     assert metrics["val_answer_kl"] < 0.7 * metrics["initial_val_answer_kl"]
     assert metrics["val_answer_kl"] < metrics["plain_val_answer_kl"]
@@ -107,6 +143,7 @@ def test_e2e_on_answer_windows_lowers_the_answer_tokens_kl(compose_config, tmp_p
     ("data.answers.max_new_tokens=0", r"data\.answers\.max_new_tokens=0 must be a positive integer"),
     ("data.answers.max_new_tokens=60", r"min_doc_tokens \+ max_new_tokens = 68 leave no room in training\.seq_len=64"),
     ("data.answers.weight=0", r"data\.answers\.weight=0 must be a number > 0"),
+    ("data.answers.student_share=2", r"data\.answers\.student_share=2 must be a number in \[0, 1\]"),
 ])
 def test_bad_answer_settings_are_refused_before_the_model_loads(compose_config, override, message, monkeypatch):
     monkeypatch.setattr(train_job, "load_model", lambda *a, **k: pytest.fail("the model loaded"), raising=False)

@@ -10,6 +10,12 @@ context, so a later answer is written with older documents evicted, as in a conv
 are built once per set-up and cached; the mask of answer tokens weights the loss
 (``data.answers.weight``, the weight of a position that predicts an answer token relative to one
 that predicts document text).
+
+``data.answers.student_share`` of the episodes are answered by the *student* instead: the model
+running the policy and the starting states with the real evicting cache, as generation runs them.
+The teacher still scores every position, so on the student's own answers (its loops included) the
+loss says what the full-cache model would write next: on-policy distillation, the usual cure for a
+student that matches the teacher on the teacher's text but drifts on its own.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from less_exp import data
+from less_exp.adapter import Compression, LessCache, cache_kwargs, switch
 from less_exp.errors import ConfigError
 
-KEYS = ("templates", "max_doc_tokens", "min_doc_tokens", "max_new_tokens", "stop", "weight")
+KEYS = ("templates", "max_doc_tokens", "min_doc_tokens", "max_new_tokens", "stop", "weight", "student_share")
 
 
 def validate(answers: DictConfig, seq_len: int) -> None:
@@ -49,6 +56,9 @@ def validate(answers: DictConfig, seq_len: int) -> None:
     weight = answers.weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
         raise ConfigError(f"data.answers.weight={weight!r} must be a number > 0 (1: answers weigh like document text)")
+    share = answers.student_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ConfigError(f"data.answers.student_share={share!r} must be a number in [0, 1] (0: the teacher answers every prompt)")
     if answers.stop is not None and not isinstance(answers.stop, str):
         raise ConfigError(f"data.answers.stop={answers.stop!r} must be a string or null")
 
@@ -59,13 +69,19 @@ def position_weights(answer: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.where(answer[:, 1:], torch.tensor(float(weight)), torch.tensor(1.0))
 
 
-def _answer(model, tokenizer, context: list[int], answers: DictConfig) -> list[int]:
-    """The model's greedy answer to ``context`` (as it runs now), cut before ``stop``."""
+def _answer(model, tokenizer, context: list[int], answers: DictConfig, student: Compression | None = None) -> list[int]:
+    """The greedy answer to ``context``, cut before ``stop``: the full-cache model's, or with ``student``
+    the model's running that compression with its real evicting cache."""
     device = next(model.parameters()).device
     stop = {"stop_strings": [answers.stop], "tokenizer": tokenizer} if answers.stop else {}
-    with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([context], device=device), max_new_tokens=int(answers.max_new_tokens),
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **stop)
+    switch(model, student)
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([context], device=device), max_new_tokens=int(answers.max_new_tokens),
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                 **cache_kwargs(LessCache(model) if student is not None else None), **stop)
+    finally:
+        switch(model, None)
     text = tokenizer.decode(out[0, len(context):], skip_special_tokens=True)
     if answers.stop and answers.stop in text:
         text = text[: text.index(answers.stop)]
@@ -73,7 +89,14 @@ def _answer(model, tokenizer, context: list[int], answers: DictConfig) -> list[i
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, seq_len: int) -> tuple[list[int], list[bool]]:
+def student_writes(episode: int, share: float) -> bool:
+    """Whether the student answers episode ``episode`` (counted over the whole set): spread evenly, a
+    ``share`` of them."""
+    return int((episode + 1) * share) > int(episode * share)
+
+
+def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, seq_len: int,
+            student: Compression | None, episodes: list[int]) -> tuple[list[int], list[bool]]:
     ids: list[int] = []
     mask: list[bool] = []
     for n, doc in docs:
@@ -91,7 +114,9 @@ def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, s
         prompt = head + doc_ids[: min(room, int(answers.max_doc_tokens))] + tail
         ids += prompt
         mask += [False] * len(prompt)
-        reply = _answer(model, tokenizer, ids, answers)
+        by_student = student is not None and student_writes(episodes[0], float(answers.student_share))
+        episodes[0] += 1
+        reply = _answer(model, tokenizer, ids, answers, student if by_student else None)
         ids += reply
         mask += [True] * len(reply)
         if len(ids) >= seq_len:
@@ -100,18 +125,24 @@ def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, s
 
 
 def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, seq_len: int, count: int,
-          cache_dir: Path, model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+          cache_dir: Path, model_name: str, student: Compression | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``count`` answer windows ``[N, seq_len]`` and their answer-token mask (bool, same shape).
 
-    Call while the model runs full attention: it writes the answers. The result is cached in
-    ``cache_dir`` under a hash of the model, the source documents and the settings.
+    Call while the model runs full attention (it is left so); ``student`` (built for this model, needed
+    when ``student_share > 0``) answers its share of the prompts. The result is cached in ``cache_dir``
+    under a hash of the model, the source documents, the settings and the student's parameters.
     """
     answers = data_cfg.answers
     validate(answers, seq_len)
+    if answers.student_share > 0 and student is None:
+        raise ValueError("data.answers.student_share > 0 needs the student's compression")
+    if answers.student_share == 0:
+        student = None
     docs = data.load_documents(data_cfg.source, split)
     settings = OmegaConf.to_container(answers, resolve=True)
     key = hashlib.sha256(json.dumps({"model": model_name, "settings": settings, "seq_len": seq_len, "count": count,
-                                     "docs": hashlib.sha256("\x00".join(docs).encode()).hexdigest()},
+                                     "docs": hashlib.sha256("\x00".join(docs).encode()).hexdigest(),
+                                     "student": None if student is None else _parameters_hash(student)},
                                     sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"answers_{key}.pt"
     if path.is_file():
@@ -119,10 +150,10 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
         return saved["windows"], saved["answer"]
     templates = list(answers.templates)
     stream = iter(enumerate(docs))
-    rows, masks = [], []
+    rows, masks, episodes = [], [], [0]
     with tqdm(total=count, desc="answer windows", unit="window") as bar:
         while len(rows) < count:
-            ids, mask = _window(model, tokenizer, stream, templates, answers, seq_len)
+            ids, mask = _window(model, tokenizer, stream, templates, answers, seq_len, student, episodes)
             if len(ids) < seq_len:
                 break
             rows.append(ids)
@@ -137,3 +168,13 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
     torch.save({"windows": windows, "answer": answer}, tmp)
     os.replace(tmp, path)
     return windows, answer
+
+
+def _parameters_hash(comp: Compression) -> str | None:
+    """What the student's answers depend on besides the model: its policy and its states' parameters."""
+    digest = hashlib.sha256(repr(comp.policy).encode())
+    if comp.states is not None:
+        for name, tensor in sorted(comp.states.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -65,7 +65,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     print(f"less-train: e2e, {num_layers} layers into {root}: " + ("training" if todo else "already done"))
     plain = None
     if todo:
-        sets = output.prepare(cfg, model, tokenizer)
+        sets = output.prepare(cfg, model, tokenizer, states)
         comp = output.attach(cfg, model, states)
         plain = output.plain_baseline(model, comp, sets, t.batch_size)
         with checkpointed(model, t.gradient_checkpointing):

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from less_exp import checkpoints, data
-from less_exp.adapter import Compression, build
+from less_exp.adapter import Compression, build, switch
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
@@ -96,13 +96,21 @@ class Data:
         return None if self.weights is None else self.weights[idx].to(device)
 
 
-def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer) -> Data:
-    """Tokenize the training split, split it, and record the teacher (call while the model runs full attention)."""
+def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> Data:
+    """Tokenize the training split, split it, and record the teacher (call while the model runs full
+    attention). Answer windows with a student share are partly written by the policy with ``states``
+    (the starting states)."""
     t = cfg.training
     weights = answer = None
     if data.is_answers(cfg.data):
+        student = None
+        if cfg.data.answers.student_share > 0:
+            student = build(model, instantiate_component(cfg.policy), states)
+            student.chunk_size = chunk_size(cfg)
+            states.eval()
+            switch(model, None)
         windows, answer = answers.build(cfg.data, model, tokenizer, t.split, t.seq_len, t.num_sequences,
-                                        Path(t.record_dir), cfg.model.name)
+                                        Path(t.record_dir), cfg.model.name, student)
         domains = [str(cfg.data.name)] * len(windows)
         weights, answer = answers.position_weights(answer, float(cfg.data.answers.weight)), answer[:, 1:]
     else:

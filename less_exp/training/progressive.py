@@ -60,7 +60,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     print(f"less-train: progressive, {len(plan)} stages of up to {t.window} layers into {root}: {len(todo)} to train")
     plain = None
     if todo:
-        sets = output.prepare(cfg, model, tokenizer)
+        sets = output.prepare(cfg, model, tokenizer, states)
         comp = output.attach(cfg, model, states)
         plain = output.plain_baseline(model, comp, sets, t.batch_size)
         with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="stages", unit="stage") as bar:
