@@ -39,7 +39,7 @@ def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compos
     model, tokenizer = load_model(cfg.model)
     windows, answer = answers.build(cfg.data, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)
     assert windows.shape == answer.shape == (4, 64) and answer.dtype == torch.bool
-    episodes = 0
+    ends, episodes = answers.end_ids(model, tokenizer), 0
     for ids, mask in zip(windows, answer):
         runs = _runs(mask)
         assert runs, "every window holds at least one answer"
@@ -47,9 +47,8 @@ def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compos
             if stop == 64:
                 continue  # cut by the window's end
             greedy = model.generate(input_ids=ids[None, :start], max_new_tokens=8, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)[0, start:]
-            expected = tokenizer.decode(greedy, skip_special_tokens=True).rstrip() + "\n"
-            assert tokenizer.decode(ids[start:stop]) == expected
+                                    pad_token_id=tokenizer.pad_token_id)[0, start:].tolist()
+            assert ids[start:stop].tolist() == answers.reply_tokens(greedy, ends, None, tokenizer)
             episodes += 1
     assert episodes >= 4
     assert not answer[:, :2].any(), "a window opens with a prompt"
@@ -86,15 +85,26 @@ def test_the_student_share_of_answers_is_the_students_own_generation_with_the_re
     start, stop = _runs(answer[0])[0]
     switch(model, student)
     greedy = model.generate(input_ids=windows[:1, :start], max_new_tokens=8, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, **cache_kwargs(LessCache(model)))[0, start:]
+                            pad_token_id=tokenizer.pad_token_id, **cache_kwargs(LessCache(model)))[0, start:].tolist()
     switch(model, None)
-    assert tokenizer.decode(windows[0, start:stop]) == tokenizer.decode(greedy, skip_special_tokens=True).rstrip() + "\n"
+    assert windows[0, start:stop].tolist() == answers.reply_tokens(greedy, answers.end_ids(model, tokenizer), None, tokenizer)
     assert model.config._attn_implementation == "sdpa", "the build leaves the model on full attention for the teacher"
     states.requires_grad_(False)
     with torch.no_grad():
         states[0].parameters().__next__().add_(1.0)
     again, _ = answers.build(cfg.data, model, tokenizer, "train", 64, 3, tmp_path / "cache", cfg.model.name, student)
     assert len(list((tmp_path / "cache").glob("answers_*.pt"))) == 3, "other student parameters are another cache entry"
+
+
+def test_an_answer_keeps_its_tokens_as_generated_and_ends_with_the_token_that_stopped_it(compose_config):
+    _, tokenizer = load_model(compose_config("train", E2E).model)
+    word = tokenizer(" hello", add_special_tokens=False)["input_ids"]
+    stop = tokenizer("###", add_special_tokens=False)["input_ids"]
+    eos = 7
+    assert answers.reply_tokens([*word, eos, *word], {eos}, None, tokenizer) == [*word, eos], \
+        "the end token stays in the answer (a state must learn to predict it) and nothing after it"
+    assert answers.reply_tokens([*word, *stop, *word], set(), "###", tokenizer) == word, "cut where the stop string begins"
+    assert answers.reply_tokens([*word, *word], {eos}, "###", tokenizer) == [*word, *word], "cut by max_new_tokens: all of it"
 
 
 def test_the_student_answers_its_share_of_the_episodes_spread_evenly():

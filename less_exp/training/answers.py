@@ -5,7 +5,8 @@ Teacher-forced running text never shows a state the positions where generation f
 that follows an instruction while the document it is about sits evicted in the state. An answer
 window packs, into ``seq_len`` tokens, episodes of a ``source`` document (the training split of a
 text preset such as C4) inside an instruction ``template``, each followed by the full-cache model's
-greedy answer (cut at ``stop``, at most ``max_new_tokens``). Earlier episodes of a window stay in
+greedy answer, token for token up to and including the token that ends it (cut at ``stop``, at most
+``max_new_tokens``), so the decision to stop is trained too. Earlier episodes of a window stay in
 context, so a later answer is written with older documents evicted, as in a conversation. Windows
 are built once per set-up and cached; the mask of answer tokens weights the loss
 (``data.answers.weight``, the weight of a position that predicts an answer token relative to one
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 from less_exp import data
 from less_exp.adapter import Compression, LessCache, cache_kwargs, switch
 from less_exp.errors import ConfigError
+
+FORMAT = 2  # of the cached windows: 2 keeps each answer's tokens as generated, end token included
 
 KEYS = ("templates", "max_doc_tokens", "min_doc_tokens", "max_new_tokens", "stop", "weight", "student_share")
 
@@ -69,8 +72,34 @@ def position_weights(answer: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.where(answer[:, 1:], torch.tensor(float(weight)), torch.tensor(1.0))
 
 
+def reply_tokens(generated: list[int], end_ids: set[int], stop: str | None, tokenizer) -> list[int]:
+    """The answer as generation leaves it, token for token: up to and including the model's end token
+    (the token that stops generation is what a state must learn to keep predicting), or up to the token
+    where ``stop`` begins. Re-encoding the decoded text would drop the end token and teach a state that
+    an answer runs on into more text."""
+    for n, token in enumerate(generated):
+        if token in end_ids:
+            return generated[: n + 1]
+    if stop:
+        for n in range(len(generated)):
+            text = tokenizer.decode(generated[: n + 1], skip_special_tokens=True)
+            if stop in text:  # the stop ends at token n; keep the tokens whose text lies wholly before it
+                start = text.index(stop)
+                return next(generated[:m] for m in range(n, -1, -1)
+                            if len(tokenizer.decode(generated[:m], skip_special_tokens=True)) <= start)
+    return generated
+
+
+def end_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a generation: the generation config's end tokens, else the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    return set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+
+
 def _answer(model, tokenizer, context: list[int], answers: DictConfig, student: Compression | None = None) -> list[int]:
-    """The greedy answer to ``context``, cut before ``stop``: the full-cache model's, or with ``student``
+    """The greedy answer to ``context`` (``reply_tokens``): the full-cache model's, or with ``student``
     the model's running that compression with its real evicting cache."""
     device = next(model.parameters()).device
     stop = {"stop_strings": [answers.stop], "tokenizer": tokenizer} if answers.stop else {}
@@ -82,11 +111,7 @@ def _answer(model, tokenizer, context: list[int], answers: DictConfig, student: 
                                  **cache_kwargs(LessCache(model) if student is not None else None), **stop)
     finally:
         switch(model, None)
-    text = tokenizer.decode(out[0, len(context):], skip_special_tokens=True)
-    if answers.stop and answers.stop in text:
-        text = text[: text.index(answers.stop)]
-    text = text.rstrip() + "\n"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return reply_tokens(out[0, len(context):].tolist(), end_ids(model, tokenizer), answers.stop, tokenizer)
 
 
 def student_writes(episode: int, share: float) -> bool:
@@ -140,7 +165,7 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
         student = None
     docs = data.load_documents(data_cfg.source, split)
     settings = OmegaConf.to_container(answers, resolve=True)
-    key = hashlib.sha256(json.dumps({"model": model_name, "settings": settings, "seq_len": seq_len, "count": count,
+    key = hashlib.sha256(json.dumps({"format": FORMAT, "model": model_name, "settings": settings, "seq_len": seq_len, "count": count,
                                      "docs": hashlib.sha256("\x00".join(docs).encode()).hexdigest(),
                                      "student": None if student is None else _parameters_hash(student)},
                                     sort_keys=True).encode()).hexdigest()[:16]
