@@ -18,7 +18,9 @@ from tiny_training import EVAL, TINY
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ANSWERS = ["data=c4_answers", "data.answers.templates=['Q {text} A:','T {text} ?']", "data.answers.min_doc_tokens=8",
-           "data.answers.max_doc_tokens=24", "data.answers.max_new_tokens=8", "data.answers.stop=null"]
+           "data.answers.max_doc_tokens=24", "data.answers.max_new_tokens=8", "data.answers.stop=null",
+           # the tiny random model never ends an answer within 8 tokens: keep its answers
+           "data.answers.drop_unfinished=false", "data.answers.max_repetition=null"]
 E2E = [*TINY, "training=e2e", "training.num_sequences=6", "training.epochs=2", "training.lr=3e-2", *ANSWERS]
 
 
@@ -107,6 +109,25 @@ def test_an_answer_keeps_its_tokens_as_generated_and_ends_with_the_token_that_st
     assert answers.reply_tokens([*word, *word], {eos}, "###", tokenizer) == [*word, *word], "cut by max_new_tokens: all of it"
 
 
+def test_teacher_answers_that_loop_or_never_end_are_not_kept_as_targets(compose_config):
+    cfg = compose_config("train", [*E2E, "data.answers.drop_unfinished=true", "data.answers.max_repetition=0.3"])
+    _, tokenizer = load_model(cfg.model)
+    answer = tokenizer(" The council approved the new budget on Monday.", add_special_tokens=False)["input_ids"]
+    loop = tokenizer(" He was found. He was found. He was found. He was found.", add_special_tokens=False)["input_ids"]
+    assert answers.kept(answer, True, cfg.data.answers, tokenizer)
+    assert not answers.kept(answer, False, cfg.data.answers, tokenizer), "still running at max_new_tokens"
+    assert not answers.kept(loop, True, cfg.data.answers, tokenizer), "a loop, though it ended"
+    keep_all = compose_config("train", E2E).data.answers
+    assert answers.kept(loop, False, keep_all, tokenizer)
+
+
+def test_a_set_whose_answers_are_all_dropped_says_which_settings_dropped_them(compose_config, tmp_path):
+    cfg = compose_config("train", [*E2E, "data.answers.drop_unfinished=true"])
+    model, tokenizer = load_model(cfg.model)
+    with pytest.raises(ConfigError, match=r"fill only [01] answer window .*answers dropped .*drop_unfinished and max_repetition"):
+        answers.build(cfg.data, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)
+
+
 def test_the_student_answers_its_share_of_the_episodes_spread_evenly():
     assert [answers.student_writes(e, 0.5) for e in range(6)] == [False, True, False, True, False, True]
     assert sum(answers.student_writes(e, 0.25) for e in range(100)) == 25
@@ -154,6 +175,8 @@ def test_e2e_on_answer_windows_lowers_the_answer_tokens_kl(compose_config, tmp_p
     ("data.answers.max_new_tokens=60", r"min_doc_tokens \+ max_new_tokens = 68 leave no room in training\.seq_len=64"),
     ("data.answers.weight=0", r"data\.answers\.weight=0 must be a number > 0"),
     ("data.answers.student_share=2", r"data\.answers\.student_share=2 must be a number in \[0, 1\]"),
+    ("data.answers.max_repetition=1.5", r"data\.answers\.max_repetition=1\.5 must be a share in \[0, 1\] or null"),
+    ("data.answers.drop_unfinished=maybe", r"data\.answers\.drop_unfinished='maybe' must be true or false"),
 ])
 def test_bad_answer_settings_are_refused_before_the_model_loads(compose_config, override, message, monkeypatch):
     monkeypatch.setattr(train_job, "load_model", lambda *a, **k: pytest.fail("the model loaded"), raising=False)

@@ -33,10 +33,12 @@ from tqdm.auto import tqdm
 from less_exp import data
 from less_exp.adapter import Compression, LessCache, cache_kwargs, switch
 from less_exp.errors import ConfigError
+from less_exp.tasks.repetition import repeated_ngram_share, words
 
-FORMAT = 2  # of the cached windows: 2 keeps each answer's tokens as generated, end token included
+FORMAT = 3  # of the cached windows: 2 keeps each answer's tokens as generated, end token included; 3 drops loops
 
-KEYS = ("templates", "max_doc_tokens", "min_doc_tokens", "max_new_tokens", "stop", "weight", "student_share")
+KEYS = ("templates", "max_doc_tokens", "min_doc_tokens", "max_new_tokens", "stop", "weight", "student_share",
+        "drop_unfinished", "max_repetition")
 
 
 def validate(answers: DictConfig, seq_len: int) -> None:
@@ -62,6 +64,11 @@ def validate(answers: DictConfig, seq_len: int) -> None:
     share = answers.student_share
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
         raise ConfigError(f"data.answers.student_share={share!r} must be a number in [0, 1] (0: the teacher answers every prompt)")
+    if not isinstance(answers.drop_unfinished, bool):
+        raise ConfigError(f"data.answers.drop_unfinished={answers.drop_unfinished!r} must be true or false")
+    cap = answers.max_repetition
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap <= 1):
+        raise ConfigError(f"data.answers.max_repetition={cap!r} must be a share in [0, 1] or null (keep every answer)")
     if answers.stop is not None and not isinstance(answers.stop, str):
         raise ConfigError(f"data.answers.stop={answers.stop!r} must be a string or null")
 
@@ -98,9 +105,11 @@ def end_ids(model, tokenizer) -> set[int]:
     return set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
 
 
-def _answer(model, tokenizer, context: list[int], answers: DictConfig, student: Compression | None = None) -> list[int]:
-    """The greedy answer to ``context`` (``reply_tokens``): the full-cache model's, or with ``student``
-    the model's running that compression with its real evicting cache."""
+def _answer(model, tokenizer, context: list[int], answers: DictConfig,
+            student: Compression | None = None) -> tuple[list[int], bool]:
+    """The greedy answer to ``context`` (``reply_tokens``) and whether it ended before ``max_new_tokens``:
+    the full-cache model's, or with ``student`` the model's running that compression with its real
+    evicting cache."""
     device = next(model.parameters()).device
     stop = {"stop_strings": [answers.stop], "tokenizer": tokenizer} if answers.stop else {}
     switch(model, student)
@@ -111,7 +120,21 @@ def _answer(model, tokenizer, context: list[int], answers: DictConfig, student: 
                                  **cache_kwargs(LessCache(model) if student is not None else None), **stop)
     finally:
         switch(model, None)
-    return reply_tokens(out[0, len(context):].tolist(), end_ids(model, tokenizer), answers.stop, tokenizer)
+    generated, ends = out[0, len(context):].tolist(), end_ids(model, tokenizer)
+    reply = reply_tokens(generated, ends, answers.stop, tokenizer)
+    ended = len(generated) < int(answers.max_new_tokens) or len(reply) < len(generated) or bool(reply) and reply[-1] in ends
+    return reply, ended
+
+
+def kept(reply: list[int], ended: bool, answers: DictConfig, tokenizer) -> bool:
+    """Whether a teacher's answer is a target worth training on: the small models we compress loop now
+    and then even with the full cache, and a window holding such a loop teaches a state to keep one
+    going. ``drop_unfinished`` drops answers still running at ``max_new_tokens``; ``max_repetition``
+    those whose share of repeated word 3-grams exceeds it."""
+    if answers.drop_unfinished and not ended:
+        return False
+    cap = answers.max_repetition
+    return cap is None or repeated_ngram_share(words(tokenizer.decode(reply, skip_special_tokens=True))) <= cap
 
 
 def student_writes(episode: int, share: float) -> bool:
@@ -122,6 +145,7 @@ def student_writes(episode: int, share: float) -> bool:
 
 def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, seq_len: int,
             student: Compression | None, episodes: list[int]) -> tuple[list[int], list[bool]]:
+    """One window; ``episodes`` counts [episodes kept, teacher answers dropped] over the whole set."""
     ids: list[int] = []
     mask: list[bool] = []
     for n, doc in docs:
@@ -137,11 +161,14 @@ def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, s
                 break
             continue
         prompt = head + doc_ids[: min(room, int(answers.max_doc_tokens))] + tail
+        by_student = student is not None and student_writes(episodes[0], float(answers.student_share))
+        reply, ended = _answer(model, tokenizer, ids + prompt, answers, student if by_student else None)
+        if not by_student and not kept(reply, ended, answers, tokenizer):
+            episodes[1] += 1
+            continue  # the student's own loops stay: on them the teacher's scores are the lesson
+        episodes[0] += 1
         ids += prompt
         mask += [False] * len(prompt)
-        by_student = student is not None and student_writes(episodes[0], float(answers.student_share))
-        episodes[0] += 1
-        reply = _answer(model, tokenizer, ids, answers, student if by_student else None)
         ids += reply
         mask += [True] * len(reply)
         if len(ids) >= seq_len:
@@ -175,7 +202,7 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
         return saved["windows"], saved["answer"]
     templates = list(answers.templates)
     stream = iter(enumerate(docs))
-    rows, masks, episodes = [], [], [0]
+    rows, masks, episodes = [], [], [0, 0]
     with tqdm(total=count, desc="answer windows", unit="window") as bar:
         while len(rows) < count:
             ids, mask = _window(model, tokenizer, stream, templates, answers, seq_len, student, episodes)
@@ -184,9 +211,12 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
             rows.append(ids)
             masks.append(mask)
             bar.update(1)
+            bar.set_postfix(dropped=episodes[1])
     if len(rows) < 2:
+        dropped = (f" ({episodes[1]} of the teacher's answers dropped as loops or unfinished: see data.answers.drop_unfinished "
+                   f"and max_repetition)" if episodes[1] else "")
         raise ConfigError(f"data={data_cfg.name}: the {len(docs)} documents of data={data_cfg.source.name} split={split} "
-                          f"fill only {len(rows)} answer window of {seq_len} tokens; lower training.seq_len")
+                          f"fill only {len(rows)} answer window of {seq_len} tokens{dropped}; lower training.seq_len")
     windows, answer = torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
