@@ -61,6 +61,9 @@ def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compos
     monkeypatch.setattr(model, "generate", no_generation)
     again = answers.build(cfg.data, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)
     assert torch.equal(again[0], windows) and torch.equal(again[1], answer)
+    reweighted = compose_config("train", [*E2E, "data.answers.weight=16"]).data
+    assert torch.equal(answers.build(reweighted, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)[0], windows), \
+        "the loss weight changes no window: a weight sweep reuses them"
 
 
 def test_short_documents_at_a_windows_end_fill_it_and_the_set_goes_on(compose_config, tmp_path):

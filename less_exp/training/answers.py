@@ -191,7 +191,7 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
     if answers.student_share == 0:
         student = None
     docs = data.load_documents(data_cfg.source, split)
-    settings = OmegaConf.to_container(answers, resolve=True)
+    settings = {k: v for k, v in OmegaConf.to_container(answers, resolve=True).items() if k != "weight"}  # weighs, builds nothing
     key = hashlib.sha256(json.dumps({"format": FORMAT, "model": model_name, "settings": settings, "seq_len": seq_len, "count": count,
                                      "docs": hashlib.sha256("\x00".join(docs).encode()).hexdigest(),
                                      "student": None if student is None else _parameters_hash(student)},
