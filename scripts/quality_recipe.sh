@@ -12,7 +12,7 @@
 # Then judge the stages where users see them:
 #   POLICY=sink CHECKPOINTS="answers=$OUT/sink/answers/checkpoint ..." scripts/generation_check.sh
 #   POLICY=sink CHECKPOINTS="..." scripts/cross_domain.sh
-# On 2 CPU cores (OMP_NUM_THREADS=1, two or three jobs side by side), sink 4+100: answers 19 min,
+# On 2 CPU cores (OMP_NUM_THREADS=1, two or three jobs side by side), sink 4+100: answers 22 min,
 # onpolicy 24 min (measured); mix about 30 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
