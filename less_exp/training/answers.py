@@ -87,13 +87,12 @@ def reply_tokens(generated: list[int], end_ids: set[int], stop: str | None, toke
     for n, token in enumerate(generated):
         if token in end_ids:
             return generated[: n + 1]
-    if stop:
-        for n in range(len(generated)):
-            text = tokenizer.decode(generated[: n + 1], skip_special_tokens=True)
-            if stop in text:  # the stop ends at token n; keep the tokens whose text lies wholly before it
-                start = text.index(stop)
-                return next(generated[:m] for m in range(n, -1, -1)
-                            if len(tokenizer.decode(generated[:m], skip_special_tokens=True)) <= start)
+    text = tokenizer.decode(generated, skip_special_tokens=True) if stop else ""
+    if stop and stop in text:  # keep the tokens whose text lies wholly before the stop
+        start, m = text.index(stop), len(generated)
+        while m and len(tokenizer.decode(generated[:m], skip_special_tokens=True)) > start:
+            m -= 1
+        return generated[:m]
     return generated
 
 
@@ -102,7 +101,9 @@ def end_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     if ids is None:
         ids = tokenizer.eos_token_id
-    return set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {ids}
 
 
 def _answer(model, tokenizer, context: list[int], answers: DictConfig,
