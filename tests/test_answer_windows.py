@@ -12,7 +12,7 @@ from less_exp import eval as eval_job, factory, train as train_job
 from less_exp.adapter import LessCache, build, cache_kwargs, switch
 from less_exp.errors import ConfigError
 from less_exp.models import load_model
-from less_exp.training import answers, output, teacher
+from less_exp.training import answers, output, teacher, unlikelihood
 from tiny_training import EVAL, TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,18 +24,6 @@ ANSWERS = ["data=c4_answers", "data.answers.templates=['Q {text} A:','T {text} ?
 E2E = [*TINY, "training=e2e", "training.num_sequences=6", "training.epochs=2", "training.lr=3e-2", *ANSWERS]
 
 
-def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, stop) of each run of True."""
-    runs, start = [], None
-    for i, flag in enumerate(mask.tolist() + [False]):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
 def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compose_config, tmp_path, monkeypatch):
     cfg = compose_config("train", E2E)
     model, tokenizer = load_model(cfg.model)
@@ -43,7 +31,7 @@ def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compos
     assert windows.shape == answer.shape == (4, 64) and answer.dtype == torch.bool
     ends, episodes = answers.end_ids(model, tokenizer), 0
     for ids, mask in zip(windows, answer):
-        runs = _runs(mask)
+        runs = unlikelihood.spans(mask)
         assert runs, "every window holds at least one answer"
         for start, stop in runs:
             if stop == 64:
@@ -87,7 +75,7 @@ def test_the_student_share_of_answers_is_the_students_own_generation_with_the_re
     teacher_windows, _ = answers.build(compose_config("train", E2E).data, model, tokenizer, "train", 64, 3,
                                        tmp_path / "cache", cfg.model.name)
     assert not torch.equal(windows, teacher_windows), "the student answers otherwise than the full-cache model"
-    start, stop = _runs(answer[0])[0]
+    start, stop = unlikelihood.spans(answer[0])[0]
     switch(model, student)
     greedy = model.generate(input_ids=windows[:1, :start], max_new_tokens=8, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id, **cache_kwargs(LessCache(model)))[0, start:].tolist()
@@ -150,11 +138,11 @@ def test_weighted_losses_equal_the_mean_at_unit_weights_and_follow_the_weights(c
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         target = teacher.top_k_targets(model(input_ids=ids).logits[:, :-1] * 2, 16)
-        mean, _, _, per = output.losses(model, ids, target)
-        ones, _, _, _ = output.losses(model, ids, target, torch.ones(2, 31))
+        mean, _, _, per, _ = output.losses(model, ids, target)
+        ones, _, _, _, _ = output.losses(model, ids, target, torch.ones(2, 31))
         only_first = torch.zeros(2, 31)
         only_first[:, 0] = 1.0
-        first, _, _, _ = output.losses(model, ids, target, only_first)
+        first, _, _, _, _ = output.losses(model, ids, target, only_first)
     torch.testing.assert_close(ones, mean)
     torch.testing.assert_close(mean, per.mean())
     torch.testing.assert_close(first, per[:, 0].mean())

@@ -26,7 +26,7 @@ from less_exp.adapter import Compression, build, switch
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
-from less_exp.training import answers, layerwise, record, teacher
+from less_exp.training import answers, layerwise, record, teacher, unlikelihood
 
 AFTER = ("init", "plain")
 
@@ -46,6 +46,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"training.mse_weight={weight!r} must be a number >= 0")
     if data.is_answers(cfg.data):
         answers.validate(cfg.data.answers, int(t.seq_len))
+    ul, n = t.get("unlikelihood", 0.0), t.get("unlikelihood_ngram", 4)
+    if isinstance(ul, bool) or not isinstance(ul, (int, float)) or ul < 0:
+        raise ConfigError(f"training.unlikelihood={ul!r} must be a number >= 0 (0: off)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"training.unlikelihood_ngram={n!r} must be a positive integer (tokens)")
+    if ul > 0 and not data.is_answers(cfg.data):
+        raise ConfigError(f"training.unlikelihood={ul} works on the answers of answer windows; use data=c4_answers "
+                          f"(with data.answers.student_share > 0 for the student's own loops) or set it to 0")
     init = t.get("init_from")
     if init is not None:
         if not (Path(init) / checkpoints.MANIFEST).is_file():
@@ -57,9 +65,10 @@ def validate(cfg: DictConfig) -> None:
 def identity(cfg: DictConfig, **settings) -> dict:
     """What the checkpoint's fingerprint records of the training: the mode, the data preset, the
     checkpoint it started from (absolute) and the mode's settings that decide the parameters."""
-    init = cfg.training.get("init_from")
+    init, ul = cfg.training.get("init_from"), float(cfg.training.get("unlikelihood", 0.0))
+    extra = {"unlikelihood": ul, "unlikelihood_ngram": int(cfg.training.unlikelihood_ngram)} if ul > 0 else {}
     return {"mode": cfg.training.mode, "data": str(cfg.data.name),
-            "init_from": None if init is None else str(Path(init).resolve()), **settings}
+            "init_from": None if init is None else str(Path(init).resolve()), **extra, **settings}
 
 
 def open_job(cfg: DictConfig, model: torch.nn.Module, out_dir: Path, **settings) -> tuple:
@@ -83,7 +92,8 @@ def open_job(cfg: DictConfig, model: torch.nn.Module, out_dir: Path, **settings)
 @dataclass
 class Data:
     """The token windows, their split, the teacher's per-sequence top-k files and, for answer windows,
-    the loss weights of the predicting positions ``[N, S - 1]`` and which of them predict an answer."""
+    the loss weights of the predicting positions ``[N, S - 1]``, which of them predict an answer and
+    (with ``training.unlikelihood``) which predict a repeat of an answer's n-gram."""
 
     windows: torch.Tensor
     train_idx: list[int]
@@ -91,6 +101,7 @@ class Data:
     targets: list[Path]
     weights: torch.Tensor | None = None
     answer: torch.Tensor | None = None
+    repeats: torch.Tensor | None = None
 
     def batch_weights(self, idx: list[int], device) -> torch.Tensor | None:
         return None if self.weights is None else self.weights[idx].to(device)
@@ -101,7 +112,7 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> 
     attention). Answer windows with a student share are partly written by the policy with ``states``
     (the starting states)."""
     t = cfg.training
-    weights = answer = None
+    weights = answer = repeats = None
     if data.is_answers(cfg.data):
         student = None
         if cfg.data.answers.student_share > 0:
@@ -112,6 +123,8 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> 
         windows, answer = answers.build(cfg.data, model, tokenizer, t.split, t.seq_len, t.num_sequences,
                                         Path(t.record_dir), cfg.model.name, student)
         domains = [str(cfg.data.name)] * len(windows)
+        if float(t.get("unlikelihood", 0.0)) > 0:
+            repeats = unlikelihood.repeat_mask(windows, answer, int(t.get("unlikelihood_ngram", 4)))
         weights, answer = answers.position_weights(answer, float(cfg.data.answers.weight)), answer[:, 1:]
     else:
         windows, domains = data.training_windows(cfg.data, tokenizer, t.split, t.seq_len, t.num_sequences)
@@ -120,7 +133,7 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> 
     train_idx, val_idx = layerwise.split_domains(domains, float(t.val_fraction), cfg.seed)
     fingerprint = record.windows_fingerprint(cfg.model.name, windows, top_k=int(t.top_k))
     files = teacher.record(model, windows, Path(t.record_dir) / f"teacher_top{t.top_k}", int(t.top_k), fingerprint)
-    return Data(windows, train_idx, val_idx, files, weights, answer)
+    return Data(windows, train_idx, val_idx, files, weights, answer, repeats)
 
 
 def attach(cfg: DictConfig, model: torch.nn.Module, states) -> Compression:
@@ -132,17 +145,19 @@ def attach(cfg: DictConfig, model: torch.nn.Module, states) -> Compression:
     return comp
 
 
-def losses(model: torch.nn.Module, ids: torch.Tensor, target: teacher.TopK,
-           weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int, torch.Tensor]:
+def losses(model: torch.nn.Module, ids: torch.Tensor, target: teacher.TopK, weights: torch.Tensor | None = None,
+           repeats: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int, torch.Tensor, torch.Tensor | None]:
     """The top-k KL over the predicting positions of ``ids [B, S]``, averaged (weighted by ``weights
     [B, S - 1]`` when given) with its graph; the summed next-token negative log-likelihood and its count
-    (numbers, for perplexity); and the per-position KL ``[B, S - 1]`` (detached)."""
+    (numbers, for perplexity); the per-position KL ``[B, S - 1]`` (detached); and, given the ``repeats``
+    mask ``[B, S - 1]``, the unlikelihood of those repeats with its graph (else None)."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     per_position = teacher.top_k_kl(logits, target)
     kl = per_position.mean() if weights is None else (per_position * weights).sum() / weights.sum()
+    ul = None if repeats is None else unlikelihood.unlikelihood(logits, ids[:, 1:], repeats)
     with torch.no_grad():
         nll = torch.nn.functional.cross_entropy(logits.detach().float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-    return kl, nll.item(), ids[:, 1:].numel(), per_position.detach()
+    return kl, nll.item(), ids[:, 1:].numel(), per_position.detach(), ul
 
 
 class OutputFit:
@@ -212,8 +227,12 @@ class OutputFit:
                     torch.manual_seed(layerwise.epoch_seed(self.cfg.seed, self.stage, epoch) + 7919 * (step + 1))
                     self._modes(True)
                     idx = batches[step]
-                    kl, _, _, _ = losses(self.model, self._ids(idx), self._targets(idx), self.sets.batch_weights(idx, self.device))
+                    repeats = None if self.sets.repeats is None else self.sets.repeats[idx].to(self.device)
+                    kl, _, _, _, ul = losses(self.model, self._ids(idx), self._targets(idx),
+                                             self.sets.batch_weights(idx, self.device), repeats)
                     loss = kl + (self.mse(idx) if self.mse is not None else 0.0)
+                    if ul is not None:
+                        loss = loss + float(t.unlikelihood) * ul
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"{self.label}, epoch {epoch + 1}, step {step + 1}: the training loss is "
                                              f"{loss.item()}; lower training.lr")
@@ -222,7 +241,8 @@ class OutputFit:
                     optimizer.step()
                     progress["epoch_kl"] += kl.item()
                     progress["epoch_count"] += 1
-                    self.tracker.log({f"{self.name}/train_kl": kl.item(), f"{self.name}/loss": loss.item()})
+                    self.tracker.log({f"{self.name}/train_kl": kl.item(), f"{self.name}/loss": loss.item(),
+                                      **({f"{self.name}/unlikelihood": ul.item()} if ul is not None else {})})
                     bar.update(1)
                     bar.set_postfix(kl=f"{kl.item():.4g}")
                     if t.get("save_every") and (step + 1) % t.save_every == 0 and step + 1 < len(batches):
@@ -275,7 +295,7 @@ def evaluate(model, sets: Data, batch_size: int) -> dict:
     kl_sum, weight_sum, nll, count, answer_sum, answer_count = 0.0, 0.0, 0.0, 0, 0.0, 0
     for idx in layerwise.chunks(sets.val_idx, batch_size):
         weights = sets.batch_weights(idx, device)
-        _, n, c, per = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device))
+        _, n, c, per, _ = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device))
         w = torch.ones_like(per) if weights is None else weights
         kl_sum, weight_sum, nll, count = kl_sum + (per * w).sum().item(), weight_sum + w.sum().item(), nll + n, count + c
         if sets.answer is not None:
