@@ -2,7 +2,8 @@
 # The quality recipe (README "States that help generation"): from a layer-wise checkpoint, e2e training
 # on answer windows (C4 documents in instruction prompts with the full-cache model's own answers).
 # Optional stages, run in the order given in STAGES, each from the one before: `mix` (e2e on C4 +
-# WikiText-2 running text) and `onpolicy` (answer windows half of which the student itself answered).
+# WikiText-2 running text), `onpolicy` (answer windows half of which the student itself answered) and
+# `unlikelihood` (the same windows, plus the unlikelihood of the answers' repeated 4-grams).
 # The last checkpoint is the state to use.
 #
 #   POLICY=sink START=outputs/.../checkpoint scripts/quality_recipe.sh
@@ -32,7 +33,8 @@ for stage in $STAGES; do
     mix) stage_args=(training=e2e_cpu data=c4_wikitext2 training.num_sequences=12 training.val_fraction=0.17) ;;
     answers) stage_args=(training=e2e_answers_cpu data=c4_answers) ;;
     onpolicy) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5) ;;
-    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy)" >&2; exit 2 ;;
+    unlikelihood) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 training.unlikelihood=1.0) ;;
+    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood)" >&2; exit 2 ;;
   esac
   ${LESS_TRAIN:-.venv/bin/less-train} model=smollm2_135m "logger=${LOGGER:-none}" "policy=$POLICY" "${POLICY_ARGS[@]}" \
     feature_map=less_mlp "gating=${GATING:-none}" "${stage_args[@]}" "training.init_from='$init'" \

@@ -187,7 +187,7 @@ class OutputFit:
 
     def evaluate(self) -> dict:
         self._modes(False)
-        return evaluate(self.model, self.sets, self.t.batch_size)
+        return evaluate(self.model, self.sets, self.t.batch_size, float(self.t.get("unlikelihood", 0.0)))
 
     def __call__(self) -> dict:
         t = self.t
@@ -201,6 +201,8 @@ class OutputFit:
                         "epoch_kl": 0.0, "epoch_count": 0, "history": [], "initial_val_kl": initial["kl"],
                         "initial_val_ppl": initial["ppl"], "initial_val_answer_kl": initial.get("answer_kl"),
                         "best_val_kl": initial["kl"], "best_val_ppl": initial["ppl"], "best_val_answer_kl": initial.get("answer_kl"),
+                        "initial_val_unlikelihood": initial.get("unlikelihood"), "best_val_unlikelihood": initial.get("unlikelihood"),
+                        "best_val_objective": initial["objective"],
                         "best_epoch": 0, "best_state": layerwise.detached_copy(self.trained.state_dict()), "elapsed_s": 0.0}
         else:
             self.trained.load_state_dict(progress["state"])
@@ -254,16 +256,18 @@ class OutputFit:
                     raise NonFiniteError(f"{self.label}, epoch {epoch + 1}: the validation KL / perplexity is "
                                          f"{val['kl']} / {val['ppl']}; lower training.lr")
                 train_kl = progress["epoch_kl"] / max(progress["epoch_count"], 1)
-                if val["kl"] < progress["best_val_kl"]:
+                if val["objective"] < progress.get("best_val_objective", progress["best_val_kl"]):
                     progress.update(best_val_kl=val["kl"], best_val_ppl=val["ppl"], best_val_answer_kl=val.get("answer_kl"),
+                                    best_val_unlikelihood=val.get("unlikelihood"), best_val_objective=val["objective"],
                                     best_epoch=epoch + 1,
                                     best_state=layerwise.detached_copy(self.trained.state_dict()))
                 progress["history"].append({"epoch": epoch + 1, "train_kl": train_kl, "val_kl": val["kl"], "val_ppl": val["ppl"],
-                                            "val_answer_kl": val.get("answer_kl"),
+                                            "val_answer_kl": val.get("answer_kl"), "val_unlikelihood": val.get("unlikelihood"),
                                             "lr": lr, "seconds": time.perf_counter() - epoch_started})
                 save(epoch=epoch + 1, step=0, epoch_kl=0.0, epoch_count=0)
                 self.tracker.log({f"{self.name}/val_kl": val["kl"], f"{self.name}/val_ppl": val["ppl"],
                                   **({f"{self.name}/val_answer_kl": val["answer_kl"]} if "answer_kl" in val else {}),
+                                  **({f"{self.name}/val_unlikelihood": val["unlikelihood"]} if "unlikelihood" in val else {}),
                                   f"{self.name}/train_kl_epoch": train_kl, "epoch": epoch + 1, "lr": lr})
                 bar.set_postfix(val_kl=f"{val['kl']:.4g}", val_ppl=f"{val['ppl']:.4g}")
         self.trained.load_state_dict(progress["best_state"])
@@ -277,6 +281,8 @@ class OutputFit:
             "initial_val_ppl": progress["initial_val_ppl"],
             "val_answer_kl": progress.get("best_val_answer_kl"),
             "initial_val_answer_kl": progress.get("initial_val_answer_kl"),
+            "val_unlikelihood": progress.get("best_val_unlikelihood"),
+            "initial_val_unlikelihood": progress.get("initial_val_unlikelihood"),
             "best_epoch": progress["best_epoch"],
             "epochs": t.epochs,
             "num_train": len(self.sets.train_idx),
@@ -288,14 +294,21 @@ class OutputFit:
 
 
 @torch.no_grad()
-def evaluate(model, sets: Data, batch_size: int) -> dict:
+def evaluate(model, sets: Data, batch_size: int, unlikelihood_weight: float = 0.0) -> dict:
     """The validation windows' KL from the teacher (per predicted token, weighted as training weighs it)
-    and perplexity, as the model runs now; for answer windows also the KL on the answer tokens alone."""
+    and perplexity, as the model runs now; for answer windows also the KL on the answer tokens alone,
+    and with repeats flagged their unlikelihood. ``objective`` (what picks the best epoch) is the KL plus
+    ``unlikelihood_weight`` times that unlikelihood, as training weighs them."""
     device = next(model.parameters()).device
     kl_sum, weight_sum, nll, count, answer_sum, answer_count = 0.0, 0.0, 0.0, 0, 0.0, 0
+    ul_sum, ul_count = 0.0, 0
     for idx in layerwise.chunks(sets.val_idx, batch_size):
         weights = sets.batch_weights(idx, device)
-        _, n, c, per, _ = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device))
+        repeats = None if sets.repeats is None else sets.repeats[idx].to(device)
+        _, n, c, per, ul = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device),
+                                  repeats=repeats)
+        if ul is not None:
+            ul_sum, ul_count = ul_sum + ul.item() * int(repeats.sum()), ul_count + int(repeats.sum())
         w = torch.ones_like(per) if weights is None else weights
         kl_sum, weight_sum, nll, count = kl_sum + (per * w).sum().item(), weight_sum + w.sum().item(), nll + n, count + c
         if sets.answer is not None:
@@ -304,6 +317,9 @@ def evaluate(model, sets: Data, batch_size: int) -> dict:
     result = {"kl": kl_sum / weight_sum, "ppl": float(torch.tensor(nll / count).exp())}
     if answer_count:
         result["answer_kl"] = answer_sum / answer_count
+    if sets.repeats is not None:
+        result["unlikelihood"] = ul_sum / ul_count if ul_count else 0.0
+    result["objective"] = result["kl"] + unlikelihood_weight * result.get("unlikelihood", 0.0)
     return result
 
 
@@ -338,6 +354,9 @@ def summarize(root: Path, trained: list[int], tracker: Tracker, plain: dict | No
         **({"plain_val_answer_kl": plain["answer_kl"]} if plain and "answer_kl" in plain else {}),
         **({"val_answer_kl": last["val_answer_kl"], "initial_val_answer_kl": layers[min(layers)].get("initial_val_answer_kl")}
            if last.get("val_answer_kl") is not None else {}),
+        **({"val_unlikelihood": last["val_unlikelihood"], "initial_val_unlikelihood": layers[min(layers)].get("initial_val_unlikelihood")}
+           if last.get("val_unlikelihood") is not None else {}),
+        **({"plain_val_unlikelihood": plain["unlikelihood"]} if plain and "unlikelihood" in plain else {}),
         "state_token_equivalents": manifest["state_token_equivalents"],
         "train_s": round(sum({m.get("stage_first", k): m.get("duration_s", 0.0) for k, m in layers.items()}.values()), 1),
         "state_parameters": state_parameters,
@@ -351,6 +370,9 @@ def summary_line(metrics: dict) -> str:
               if metrics.get("val_answer_kl") is not None else "")
     plain = (f" (plain policy {metrics['plain_val_kl']:.4g} / {metrics['plain_val_ppl']:.4f})"
              if metrics.get("plain_val_kl") is not None else "")
+    repeats = (f"; repeats' unlikelihood {metrics['val_unlikelihood']:.4g} from {metrics['initial_val_unlikelihood']:.4g}"
+               + (f" (plain {metrics['plain_val_unlikelihood']:.4g})" if metrics.get("plain_val_unlikelihood") is not None else "")
+               if metrics.get("val_unlikelihood") is not None else "")
     return (f"layers done {metrics['layers_done']}/{metrics['num_layers']}, validation KL / perplexity "
             f"{metrics['val_kl']:.4g} / {metrics['val_ppl']:.4f}, from {metrics['initial_val_kl']:.4g} / "
-            f"{metrics['initial_val_ppl']:.4f}{plain}" + answer)
+            f"{metrics['initial_val_ppl']:.4f}{plain}" + answer + repeats)
