@@ -3,7 +3,8 @@
 # on answer windows (C4 documents in instruction prompts with the full-cache model's own answers).
 # Optional stages, run in the order given in STAGES, each from the one before: `mix` (e2e on C4 +
 # WikiText-2 running text), `onpolicy` (answer windows half of which the student itself answered) and
-# `unlikelihood` (the same windows, plus the unlikelihood of the answers' repeated 4-grams).
+# `unlikelihood` (the same windows, plus the unlikelihood of the answers' repeated 4-grams; experimental:
+# README shows it cuts loops but costs perplexity at weight 4).
 # The last checkpoint is the state to use.
 #
 #   POLICY=sink START=outputs/.../checkpoint scripts/quality_recipe.sh
