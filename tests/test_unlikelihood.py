@@ -10,9 +10,18 @@ import torch
 from less_exp import train as train_job
 from less_exp.errors import ConfigError
 from less_exp.training import output, unlikelihood
-from tiny_training import TINY
+from tiny_training import TINY, against_distillation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def answer_start(answer: torch.Tensor, row: int, first: int, last: int) -> int | None:
+    """Where the answer holding tokens ``first..last`` of ``row`` begins; None unless they all lie in one."""
+    if first < 0 or not bool(answer[row, first: last + 1].all()):
+        return None
+    while first > 0 and bool(answer[row, first - 1]):
+        first -= 1
+    return first
 
 
 def _slow_repeat_mask(ids: torch.Tensor, answer: torch.Tensor, n: int) -> torch.Tensor:
@@ -24,11 +33,9 @@ def _slow_repeat_mask(ids: torch.Tensor, answer: torch.Tensor, n: int) -> torch.
         for p in range(length - 1):
             end = p + 1
             first = end - n + 1
-            if first < 0 or not bool(answer[r, first: end + 1].all()):
+            begin = answer_start(answer, r, first, end)
+            if begin is None:
                 continue
-            begin = first
-            while begin > 0 and bool(answer[r, begin - 1]):
-                begin -= 1
             gram = ids[r, first: end + 1].tolist()
             out[r, p] = any(ids[r, s: s + n].tolist() == gram for s in range(begin, first))
     return out
@@ -100,29 +107,9 @@ def _repeat_probability(model, sets: output.Data, n: int = 2) -> float:
 
 def test_e2e_with_unlikelihood_makes_the_students_repeats_less_likely_than_distillation_alone(compose_config, tmp_path, monkeypatch):
     # the tiny random model's greedy answers loop: plenty of flagged repeats
-    seen = {}
-    prepare = output.prepare
-
-    def spy(cfg, model, tokenizer, states=None):
-        sets = prepare(cfg, model, tokenizer, states)
-        seen.setdefault("sets", []).append(sets)
-        return sets
-
-    fit = output.OutputFit.__call__
-
-    def measure(self):
-        seen.setdefault("before", []).append(_repeat_probability(self.model, self.sets))
-        metrics = fit(self)
-        seen.setdefault("after", []).append(_repeat_probability(self.model, self.sets))
-        return metrics
-
-    monkeypatch.setattr(output, "prepare", spy)
-    monkeypatch.setattr(output.OutputFit, "__call__", measure)
-    common = [*E2E, "data.answers.student_share=0.5", "training.unlikelihood_ngram=2"]
-    train_job.train(compose_config("train", [*common, f"checkpoint={tmp_path / 'kl'}", f"training.record_dir={tmp_path / 'r'}"]))
+    seen, metrics = against_distillation(compose_config, tmp_path, monkeypatch, _repeat_probability,
+                                         [*E2E, "data.answers.student_share=0.5", "training.unlikelihood_ngram=2"], "training.unlikelihood=1.0")
     assert seen["sets"][0].repeats is None
-    metrics = train_job.train(compose_config("train", [*common, "training.unlikelihood=1.0", f"checkpoint={tmp_path / 'ul'}",
-                                                       f"training.record_dir={tmp_path / 'r'}"]))
     sets = seen["sets"][1]
     assert sets.repeats is not None and int(sets.repeats.sum()) >= 10
     assert metrics["complete"]
@@ -139,8 +126,12 @@ def test_e2e_with_unlikelihood_makes_the_students_repeats_less_likely_than_disti
     ([*E2E, "training.unlikelihood_ngram=0"], r"training\.unlikelihood_ngram=0 must be a positive integer"),
     ([*TINY, "training=progressive", "training.unlikelihood=1"],
      r"training\.unlikelihood=1 works on the answers of answer windows; use data=c4_answers"),
+    ([*E2E, "training.no_repeat_ngram=1"], r"training\.no_repeat_ngram=1 must be an integer >= 2"),
+    ([*E2E, "training.no_repeat_ngram=true"], r"training\.no_repeat_ngram=True must be an integer >= 2"),
+    ([*TINY, "training=progressive", "training.no_repeat_ngram=4"],
+     r"training\.no_repeat_ngram=4 works on the answers of answer windows; use data=c4_answers"),
 ])
-def test_bad_unlikelihood_settings_are_refused_before_the_model_loads(compose_config, overrides, message, monkeypatch):
+def test_bad_answer_loss_settings_are_refused_before_the_model_loads(compose_config, overrides, message, monkeypatch):
     monkeypatch.setattr(train_job, "load_model", lambda *a, **k: pytest.fail("the model loaded"), raising=False)
     with pytest.raises(ConfigError, match=message):
         train_job.train(compose_config("train", overrides))

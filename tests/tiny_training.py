@@ -31,3 +31,37 @@ def train_checkpoint(out: Path, *overrides: str) -> Path:
     finally:
         torch.set_num_threads(threads)
     return Path(out) / "checkpoint"
+
+
+def watch_output_training(monkeypatch, measure) -> dict:
+    """Record, for every output-level training job that runs next, its prepared data (``seen["sets"]``)
+    and ``measure(model, sets)`` before and after its fit (``seen["before"]``, ``seen["after"]``)."""
+    from less_exp.training import output
+
+    seen: dict = {}
+    prepare, fit = output.prepare, output.OutputFit.__call__
+
+    def spy(cfg, model, tokenizer, states=None):
+        sets = prepare(cfg, model, tokenizer, states)
+        seen.setdefault("sets", []).append(sets)
+        return sets
+
+    def measured(self):
+        seen.setdefault("before", []).append(measure(self.model, self.sets))
+        metrics = fit(self)
+        seen.setdefault("after", []).append(measure(self.model, self.sets))
+        return metrics
+
+    monkeypatch.setattr(output, "prepare", spy)
+    monkeypatch.setattr(output.OutputFit, "__call__", measured)
+    return seen
+
+
+def against_distillation(compose_config, tmp_path: Path, monkeypatch, measure, common: list[str], change: str):
+    """Train ``common`` twice on the same answer windows, as it is and with ``change``; returns what
+    :func:`watch_output_training` saw and the changed run's metrics."""
+    seen = watch_output_training(monkeypatch, measure)
+    records = f"training.record_dir={tmp_path / 'r'}"
+    train_job.train(compose_config("train", [*common, f"checkpoint={tmp_path / 'kl'}", records]))
+    metrics = train_job.train(compose_config("train", [*common, change, f"checkpoint={tmp_path / 'changed'}", records]))
+    return seen, metrics

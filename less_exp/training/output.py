@@ -26,7 +26,7 @@ from less_exp.adapter import Compression, build, switch
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
-from less_exp.training import answers, layerwise, record, teacher, unlikelihood
+from less_exp.training import answers, layerwise, loop_free, record, teacher, unlikelihood
 
 AFTER = ("init", "plain")
 
@@ -54,6 +54,13 @@ def validate(cfg: DictConfig) -> None:
     if ul > 0 and not data.is_answers(cfg.data):
         raise ConfigError(f"training.unlikelihood={ul} works on the answers of answer windows; use data=c4_answers "
                           f"(with data.answers.student_share > 0 for the student's own loops) or set it to 0")
+    ban = t.get("no_repeat_ngram")
+    if ban is not None:
+        if isinstance(ban, bool) or not isinstance(ban, int) or ban < 2:
+            raise ConfigError(f"training.no_repeat_ngram={ban!r} must be an integer >= 2 (tokens), or null for the teacher's own targets")
+        if not data.is_answers(cfg.data):
+            raise ConfigError(f"training.no_repeat_ngram={ban} works on the answers of answer windows; use data=c4_answers "
+                              f"(with data.answers.student_share > 0 for the student's own loops) or set it to null")
     init = t.get("init_from")
     if init is not None:
         if not (Path(init) / checkpoints.MANIFEST).is_file():
@@ -67,6 +74,8 @@ def identity(cfg: DictConfig, **settings) -> dict:
     checkpoint it started from (absolute) and the mode's settings that decide the parameters."""
     init, ul = cfg.training.get("init_from"), float(cfg.training.get("unlikelihood", 0.0))
     extra = {"unlikelihood": ul, "unlikelihood_ngram": int(cfg.training.unlikelihood_ngram)} if ul > 0 else {}
+    if cfg.training.get("no_repeat_ngram") is not None:
+        extra["no_repeat_ngram"] = int(cfg.training.no_repeat_ngram)
     return {"mode": cfg.training.mode, "data": str(cfg.data.name),
             "init_from": None if init is None else str(Path(init).resolve()), **extra, **settings}
 
@@ -93,7 +102,8 @@ def open_job(cfg: DictConfig, model: torch.nn.Module, out_dir: Path, **settings)
 class Data:
     """The token windows, their split, the teacher's per-sequence top-k files and, for answer windows,
     the loss weights of the predicting positions ``[N, S - 1]``, which of them predict an answer and
-    (with ``training.unlikelihood``) which predict a repeat of an answer's n-gram."""
+    (with ``training.unlikelihood``) which predict a repeat of an answer's n-gram, and (with
+    ``training.no_repeat_ngram``) the tokens each position's loop-free target bans ``[N, S - 1, m]``."""
 
     windows: torch.Tensor
     train_idx: list[int]
@@ -102,9 +112,15 @@ class Data:
     weights: torch.Tensor | None = None
     answer: torch.Tensor | None = None
     repeats: torch.Tensor | None = None
+    banned: torch.Tensor | None = None
 
     def batch_weights(self, idx: list[int], device) -> torch.Tensor | None:
         return None if self.weights is None else self.weights[idx].to(device)
+
+    def batch_targets(self, idx: list[int], device) -> teacher.TopK:
+        """The teacher's top-k targets of windows ``idx``, loop-free where ``banned`` says so."""
+        target = teacher.load([self.targets[i] for i in idx], device)
+        return target if self.banned is None else loop_free.without(target, self.banned[idx].to(device))
 
 
 def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> Data:
@@ -112,7 +128,7 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> 
     attention). Answer windows with a student share are partly written by the policy with ``states``
     (the starting states)."""
     t = cfg.training
-    weights = answer = repeats = None
+    weights = answer = repeats = banned = None
     if data.is_answers(cfg.data):
         student = None
         if cfg.data.answers.student_share > 0:
@@ -125,6 +141,8 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> 
         domains = [str(cfg.data.name)] * len(windows)
         if float(t.get("unlikelihood", 0.0)) > 0:
             repeats = unlikelihood.repeat_mask(windows, answer, int(t.get("unlikelihood_ngram", 4)))
+        if t.get("no_repeat_ngram") is not None:
+            banned = loop_free.banned_tokens(windows, answer, int(t.no_repeat_ngram))
         weights, answer = answers.position_weights(answer, float(cfg.data.answers.weight)), answer[:, 1:]
     else:
         windows, domains = data.training_windows(cfg.data, tokenizer, t.split, t.seq_len, t.num_sequences)
@@ -133,7 +151,7 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> 
     train_idx, val_idx = layerwise.split_domains(domains, float(t.val_fraction), cfg.seed)
     fingerprint = record.windows_fingerprint(cfg.model.name, windows, top_k=int(t.top_k))
     files = teacher.record(model, windows, Path(t.record_dir) / f"teacher_top{t.top_k}", int(t.top_k), fingerprint)
-    return Data(windows, train_idx, val_idx, files, weights, answer, repeats)
+    return Data(windows, train_idx, val_idx, files, weights, answer, repeats, banned)
 
 
 def attach(cfg: DictConfig, model: torch.nn.Module, states) -> Compression:
@@ -179,7 +197,7 @@ class OutputFit:
         return self.sets.windows[idx].to(self.device)
 
     def _targets(self, idx: list[int]) -> teacher.TopK:
-        return teacher.load([self.sets.targets[i] for i in idx], self.device)
+        return self.sets.batch_targets(idx, self.device)
 
     def _modes(self, training: bool) -> None:
         self.comp.states.eval()
@@ -305,8 +323,7 @@ def evaluate(model, sets: Data, batch_size: int, unlikelihood_weight: float = 0.
     for idx in layerwise.chunks(sets.val_idx, batch_size):
         weights = sets.batch_weights(idx, device)
         repeats = None if sets.repeats is None else sets.repeats[idx].to(device)
-        _, n, c, per, ul = losses(model, sets.windows[idx].to(device), teacher.load([sets.targets[i] for i in idx], device),
-                                  repeats=repeats)
+        _, n, c, per, ul = losses(model, sets.windows[idx].to(device), sets.batch_targets(idx, device), repeats=repeats)
         if ul is not None:
             ul_sum, ul_count = ul_sum + ul.item() * int(repeats.sum()), ul_count + int(repeats.sum())
         w = torch.ones_like(per) if weights is None else weights

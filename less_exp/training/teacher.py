@@ -49,9 +49,12 @@ def top_k_targets(logits: torch.Tensor, k: int) -> TopK:
 
 
 def top_k_kl(student_logits: torch.Tensor, target: TopK) -> torch.Tensor:
-    """``KL_k(p || q)`` per position ``[...]`` (float32) of the student's logits ``[..., V]`` against ``target``."""
+    """``KL_k(p || q)`` per position ``[...]`` (float32) of the student's logits ``[..., V]`` against
+    ``target``; a kept token at ``-inf`` (zero probability) adds nothing."""
     logq = torch.log_softmax(student_logits.float(), dim=-1)
-    kept = (target.logp.exp() * (target.logp - logq.gather(-1, target.index))).sum(-1)
+    zero = ~torch.isfinite(target.logp)  # kept tokens a loop-free target took out: no mass, no term
+    logp = target.logp.masked_fill(zero, 0.0)
+    kept = (target.logp.exp() * (logp - logq.gather(-1, target.index))).sum(-1)
     rest = target.log_rest
     has_rest = torch.isfinite(rest)
     q_rest = _log_rest(logq, target.index)
