@@ -4,7 +4,9 @@
 # Optional stages, run in the order given in STAGES, each from the one before: `mix` (e2e on C4 +
 # WikiText-2 running text), `onpolicy` (answer windows half of which the student itself answered) and
 # `unlikelihood` (the same windows, plus the unlikelihood of the answers' repeated 4-grams; experimental:
-# README shows it cuts loops but costs perplexity at weight 4).
+# README shows it cuts loops but costs perplexity at weight 4) and `loopfree` (the same windows with
+# loop-free teacher targets: tokens that would repeat an answer's NGRAM-gram, default 4, banned;
+# experimental: README shows it leaves sentence loops on 500-1000-token prompts).
 # The last checkpoint is the state to use.
 #
 #   POLICY=sink START=outputs/.../checkpoint scripts/quality_recipe.sh
@@ -35,7 +37,8 @@ for stage in $STAGES; do
     answers) stage_args=(training=e2e_answers_cpu data=c4_answers) ;;
     onpolicy) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5) ;;
     unlikelihood) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 training.unlikelihood=1.0) ;;
-    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood)" >&2; exit 2 ;;
+    loopfree) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 "training.no_repeat_ngram=${NGRAM:-4}") ;;
+    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood, loopfree)" >&2; exit 2 ;;
   esac
   ${LESS_TRAIN:-.venv/bin/less-train} model=smollm2_135m "logger=${LOGGER:-none}" "policy=$POLICY" "${POLICY_ARGS[@]}" \
     feature_map=less_mlp "gating=${GATING:-none}" "${stage_args[@]}" "training.init_from='$init'" \
