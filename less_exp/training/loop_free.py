@@ -31,15 +31,13 @@ def banned_tokens(ids: torch.Tensor, answer: torch.Tensor, n: int) -> torch.Tens
         tokens, found = ids[row].tolist(), {}
         for start, end in spans(answer[row]):
             follows: dict[tuple, list[int]] = {}
-            for last in range(start, end):
-                context = tuple(tokens[last - n + 1: last]) if last - n + 1 >= start else None
-                if context is None:
-                    continue
-                if context in follows and last >= 1:
+            for last in range(start + n - 1, end):
+                context = tuple(tokens[last - n + 1: last])
+                if context in follows:
                     found[last - 1] = list(follows[context])
-                follows.setdefault(context, [])
-                if tokens[last] not in follows[context]:
-                    follows[context].append(tokens[last])
+                seen = follows.setdefault(context, [])
+                if tokens[last] not in seen:
+                    seen.append(tokens[last])
         rows.append(found)
     width = max((len(v) for found in rows for v in found.values()), default=0)
     out = torch.full((ids.shape[0], ids.shape[1] - 1, max(width, 1)), -1, dtype=torch.long)
