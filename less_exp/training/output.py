@@ -51,22 +51,26 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"training.unlikelihood={ul!r} must be a number >= 0 (0: off)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"training.unlikelihood_ngram={n!r} must be a positive integer (tokens)")
-    if ul > 0 and not data.is_answers(cfg.data):
-        raise ConfigError(f"training.unlikelihood={ul} works on the answers of answer windows; use data=c4_answers "
-                          f"(with data.answers.student_share > 0 for the student's own loops) or set it to 0")
+    if ul > 0:
+        _needs_answers(cfg, f"training.unlikelihood={ul}", "set it to 0")
     ban = t.get("no_repeat_ngram")
     if ban is not None:
         if isinstance(ban, bool) or not isinstance(ban, int) or ban < 2:
             raise ConfigError(f"training.no_repeat_ngram={ban!r} must be an integer >= 2 (tokens), or null for the teacher's own targets")
-        if not data.is_answers(cfg.data):
-            raise ConfigError(f"training.no_repeat_ngram={ban} works on the answers of answer windows; use data=c4_answers "
-                              f"(with data.answers.student_share > 0 for the student's own loops) or set it to null")
+        _needs_answers(cfg, f"training.no_repeat_ngram={ban}", "set it to null")
     init = t.get("init_from")
     if init is not None:
         if not (Path(init) / checkpoints.MANIFEST).is_file():
             raise ConfigError(f"training.init_from={init}: no {checkpoints.MANIFEST} there; point it at a checkpoint "
                               "folder written by less-train for this set-up, or drop it to start from the untrained state")
         checkpoints.read_manifest(init)
+
+
+def _needs_answers(cfg: DictConfig, setting: str, off: str) -> None:
+    """Refuse an answer-only loss ``setting`` on data that has no answers; ``off`` says how to turn it off."""
+    if not data.is_answers(cfg.data):
+        raise ConfigError(f"{setting} works on the answers of answer windows; use data=c4_answers "
+                          f"(with data.answers.student_share > 0 for the student's own loops) or {off}")
 
 
 def identity(cfg: DictConfig, **settings) -> dict:
