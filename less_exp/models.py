@@ -80,6 +80,16 @@ def max_positions(model_cfg: DictConfig) -> int:
     return int(model_cfg.max_length)
 
 
+def end_token_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a generation: the generation config's end tokens, else the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {ids}
+
+
 def _hub_local(model_cfg: DictConfig) -> bool:
     """True when ``hub_id`` is a local folder or its config is already in the HF cache."""
     if Path(str(model_cfg.hub_id)).expanduser().is_dir():

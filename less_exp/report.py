@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from less_exp.results import FILENAME, Run
 
@@ -38,9 +38,20 @@ STATE_DEFAULTS = {"gating": "none", "reweighting": "none", "normalizer": "joint"
 HARNESS_COLUMNS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "repeated_3gram_share", "longest_repeat", "words", "*_vs_plain*",
                  "paired_samples", "num_samples", "num_skipped")
-# Per-sample metrics that summarization runs compare with the plain policy on the same samples.
-PAIRED_METRICS = ("rouge1", "rougeL", "repeated_3gram_share")
-SAMPLE_ROWS = "summaries.jsonl"
+
+
+class PairedRows(NamedTuple):
+    """Per-sample rows a task writes (``file``), the ``metrics`` compared with the plain policy's on the
+    same samples, and the run-level metric a plain run must report to be the reference (``reference``)."""
+
+    file: str
+    metrics: tuple[str, ...]
+    reference: str
+
+
+SUMMARY_PAIRS = PairedRows("summaries.jsonl", ("rouge1", "rougeL", "repeated_3gram_share"), "rouge1")
+PAIRED_ROWS = {"xsum": SUMMARY_PAIRS, "cnn_dailymail": SUMMARY_PAIRS,
+               "stop_probability": PairedRows("stops.jsonl", ("log_p_end",), "mean_log_p_end")}
 # Metric columns per task, as fnmatch patterns; a task not listed shows all its scalar metrics.
 TASK_COLUMNS = {
     "perplexity": ("perplexity", "gap_closed", "nll", "word_perplexity", "num_tokens", "state_features",
@@ -53,6 +64,8 @@ TASK_COLUMNS = {
     "consistency": ("max_abs_logit_diff",),
     "generate": ("tokens_per_s", "num_prompts", "new_tokens", "repeated_3gram_share", "longest_repeat", "words"),
     "bench": ("*/speedup_vs_full", "*/memory_vs_full"),
+    "stop_probability": ("mean_p_end", "mean_log_p_end", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped",
+                         "max_prompt_tokens"),
     TRAIN: ("layers_done", "num_layers", "mean_val_mse", "mean_plain_mse", "mean_baseline_plus_mse"),
 }
 # Metrics plotted against the budget when --metric is not given.
@@ -482,8 +495,8 @@ def with_gap_closed(runs: Sequence[ReportRun], metric: str = "perplexity") -> li
 
 
 def _sample_rows(run: ReportRun) -> dict[int, dict]:
-    """The per-sample rows a summarization run wrote beside its results.json, by sample index."""
-    path = None if run.folder is None else run.folder / SAMPLE_ROWS
+    """The per-sample rows a run wrote beside its results.json (:data:`PAIRED_ROWS`), by sample index."""
+    path = None if run.folder is None or run.task not in PAIRED_ROWS else run.folder / PAIRED_ROWS[run.task].file
     rows = {}
     if path is None or not path.is_file():
         return rows
@@ -506,20 +519,21 @@ def paired_difference(values: Sequence[float]) -> tuple[float, float]:
 
 
 def with_paired_differences(runs: Sequence[ReportRun]) -> list[ReportRun]:
-    """Summarization runs with ``<metric>_vs_plain`` and ``<metric>_vs_plain_se``: the mean and standard
-    error of the per-sample differences from the plain run of :func:`plain_references`, over the
-    samples both scored (``paired_samples``). Sampling noise that hides a difference between two run
-    means mostly cancels in paired differences (greedy decoding removes it)."""
-    reference = plain_references(runs, PAIRED_METRICS[0])
+    """Runs of the tasks in :data:`PAIRED_ROWS` with ``<metric>_vs_plain`` and ``<metric>_vs_plain_se``:
+    the mean and standard error of the per-sample differences from the plain run of
+    :func:`plain_references`, over the samples both scored (``paired_samples``). Sampling noise that
+    hides a difference between two run means mostly cancels in paired differences (greedy decoding
+    removes it)."""
+    references = {task: plain_references(runs, spec.reference) for task, spec in PAIRED_ROWS.items()}
     out = []
     for run in runs:
-        plain = reference(run)
+        plain = references[run.task](run) if run.task in PAIRED_ROWS else None
         mine = _sample_rows(run) if plain is not None else {}
         theirs = _sample_rows(plain) if mine else {}
         common = sorted(set(mine) & set(theirs))
         if common:
             extra: dict[str, Any] = {"paired_samples": len(common)}
-            for metric in PAIRED_METRICS:
+            for metric in PAIRED_ROWS[run.task].metrics:
                 pairs = [(mine[i].get(metric), theirs[i].get(metric)) for i in common]
                 diffs = [a - b for a, b in pairs if _is_number(a) and _is_number(b)]
                 if diffs:

@@ -11,7 +11,7 @@ import torch
 from less_exp import eval as eval_job, factory, train as train_job
 from less_exp.adapter import LessCache, build, cache_kwargs, switch
 from less_exp.errors import ConfigError
-from less_exp.models import load_model
+from less_exp.models import end_token_ids, load_model
 from less_exp.training import answers, output, teacher, unlikelihood
 from tiny_training import EVAL, TINY
 
@@ -29,7 +29,7 @@ def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compos
     model, tokenizer = load_model(cfg.model)
     windows, answer = answers.build(cfg.data, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)
     assert windows.shape == answer.shape == (4, 64) and answer.dtype == torch.bool
-    ends, episodes = answers.end_ids(model, tokenizer), 0
+    ends, episodes = end_token_ids(model, tokenizer), 0
     for ids, mask in zip(windows, answer):
         runs = unlikelihood.spans(mask)
         assert runs, "every window holds at least one answer"
@@ -80,7 +80,7 @@ def test_the_student_share_of_answers_is_the_students_own_generation_with_the_re
     greedy = model.generate(input_ids=windows[:1, :start], max_new_tokens=8, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id, **cache_kwargs(LessCache(model)))[0, start:].tolist()
     switch(model, None)
-    assert windows[0, start:stop].tolist() == answers.reply_tokens(greedy, answers.end_ids(model, tokenizer), None, tokenizer)
+    assert windows[0, start:stop].tolist() == answers.reply_tokens(greedy, end_token_ids(model, tokenizer), None, tokenizer)
     assert model.config._attn_implementation == "sdpa", "the build leaves the model on full attention for the teacher"
     states.requires_grad_(False)
     with torch.no_grad():

@@ -379,3 +379,24 @@ def test_summaries_are_paired_with_the_plain_policy(tmp_path, monkeypatch):
     assert "paired_samples" not in by_name["plain"].metrics and "paired_samples" not in by_name["full"].metrics
     table = _table((tmp_path / "report" / "report.md").read_text(), "xsum")
     assert "rouge1_vs_plain" in table[0] and "rouge1_vs_plain_se" in table[0]
+
+
+def test_stop_probabilities_are_paired_with_the_plain_policy(tmp_path, monkeypatch):
+    """task=stop_probability runs pair their per-sample log_p_end (stops.jsonl) with the plain run's;
+    summaries.jsonl files lying beside them are not read for this task."""
+    monkeypatch.setattr(results, "versions", dict)
+    values = {"plain": [-1.0, -2.0, -0.5], "less": [-1.5, -2.0, -0.25, -3.0]}
+    for name, logs in values.items():
+        folder = tmp_path / name
+        write_results(folder, "eval", {"mean_log_p_end": sum(logs) / len(logs), **_summary("sink", 32, 4.25 * (name == "less"))},
+                      {**_config("stop_probability", "sink", "less_mlp" if name == "less" else "none"), "seed": 0}, 1.0)
+        (folder / "stops.jsonl").write_text("".join(json.dumps({"index": i, "log_p_end": v}) + "\n" for i, v in enumerate(logs)))
+        (folder / "summaries.jsonl").write_text(json.dumps({"index": 0, "rouge1": 1.0}) + "\n")
+    less = {run.folder.name: run for run in report.make_report([tmp_path]).runs}["less"].metrics
+    diffs = [-0.5, 0.0, 0.25]
+    mean = sum(diffs) / 3
+    assert less["paired_samples"] == 3 and less["log_p_end_vs_plain"] == pytest.approx(mean)
+    assert less["log_p_end_vs_plain_se"] == pytest.approx((sum((d - mean) ** 2 for d in diffs) / 2 / 3) ** 0.5)
+    assert "rouge1_vs_plain" not in less
+    table = _table((tmp_path / "report" / "report.md").read_text(), "stop_probability")
+    assert "log_p_end_vs_plain" in table[0] and "mean_log_p_end" in table[0]

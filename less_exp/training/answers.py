@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from less_exp import data
 from less_exp.adapter import Compression, LessCache, cache_kwargs, switch
 from less_exp.errors import ConfigError
+from less_exp.models import end_token_ids
 from less_exp.tasks.repetition import repeated_ngram_share, words
 
 FORMAT = 3  # of the cached windows: 2 keeps each answer's tokens as generated, end token included; 3 drops loops
@@ -96,16 +97,6 @@ def reply_tokens(generated: list[int], end_ids: set[int], stop: str | None, toke
     return generated
 
 
-def end_ids(model, tokenizer) -> set[int]:
-    """The token ids that end a generation: the generation config's end tokens, else the tokenizer's."""
-    ids = model.generation_config.eos_token_id
-    if ids is None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return set()
-    return set(ids) if isinstance(ids, (list, tuple)) else {ids}
-
-
 def _answer(model, tokenizer, context: list[int], answers: DictConfig,
             student: Compression | None = None) -> tuple[list[int], bool]:
     """The greedy answer to ``context`` (``reply_tokens``) and whether it ended before ``max_new_tokens``:
@@ -121,7 +112,7 @@ def _answer(model, tokenizer, context: list[int], answers: DictConfig,
                                  **cache_kwargs(LessCache(model) if student is not None else None), **stop)
     finally:
         switch(model, None)
-    generated, ends = out[0, len(context):].tolist(), end_ids(model, tokenizer)
+    generated, ends = out[0, len(context):].tolist(), end_token_ids(model, tokenizer)
     reply = reply_tokens(generated, ends, answers.stop, tokenizer)
     ended = len(generated) < int(answers.max_new_tokens) or len(reply) < len(generated) or bool(reply) and reply[-1] in ends
     return reply, ended

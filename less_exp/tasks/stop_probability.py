@@ -1,0 +1,120 @@
+"""``task=stop_probability``: how readily a model ends an answer that another run ended.
+
+Summaries that loop are summaries that did not stop. This task reads the ``summaries.jsonl`` of an
+earlier summarization run (``task.summaries``, usually the plain policy's in the generation check),
+keeps the summaries that ended at a sentence and repeat nothing (``task.max_repetition``), and asks the
+model under test, with the real evicting cache (the prompt prefilled, the summary decoded token by
+token as ``generate`` would), for the probability of an end token right after that summary. The same
+rows for the full cache, the plain policy and a trained state say whether a state changes the decision
+to stop where the reference run stopped. ``less-report`` pairs ``log_p_end`` with the plain policy's
+on the same samples.
+
+Rows go to ``stops.jsonl``: index, prompt_tokens, p_end, log_p_end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from less_exp import data
+from less_exp.adapter import compression_of
+from less_exp.errors import ConfigError
+from less_exp.models import end_token_ids, max_positions
+from less_exp.runtime import output_dir
+from less_exp.tasks import positive_int
+from less_exp.tasks.consistency import decode_logits
+from less_exp.tasks.summarization import dataset
+from less_exp.tracking import Tracker
+
+ROWS = "stops.jsonl"
+SENTENCE_ENDS = (".", "!", "?")
+
+
+def validate(cfg: DictConfig) -> None:
+    task = cfg.task
+    if not task.summaries or not Path(str(task.summaries)).expanduser().is_file():
+        raise ConfigError(f"task.summaries={task.summaries} is not a file: give the summaries.jsonl of a task=xsum or "
+                          "task=cnn_dailymail run (e.g. the plain run of scripts/generation_check.sh)")
+    if task.max_prompt_tokens is not None and not positive_int(task.max_prompt_tokens):
+        raise ConfigError(f"task.max_prompt_tokens={task.max_prompt_tokens} must be a positive integer or null (every prompt)")
+    if not isinstance(task.max_repetition, (int, float)) or isinstance(task.max_repetition, bool) or not 0 <= task.max_repetition <= 1:
+        raise ConfigError(f"task.max_repetition={task.max_repetition} must be a share in [0, 1]")
+    data.check_available(dataset(cfg), task.split)
+    read_summaries(Path(str(task.summaries)).expanduser())  # a foreign file fails before the model loads
+
+
+def read_summaries(path: Path) -> list[dict]:
+    """The rows of a summarization run; a file without them is a user error named with its path."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows.append({"index": int(row["index"]), "summary": str(row["summary"]),
+                         "repeated_3gram_share": float(row.get("repeated_3gram_share", 0.0))})
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"task.summaries={path}: line {number} is not a summaries.jsonl row "
+                              f"({type(err).__name__}: {err}); give the file a task=xsum run wrote") from None
+    return rows
+
+
+def eligible(row: dict, task: DictConfig) -> bool:
+    """A summary that ended at a sentence without repeating itself."""
+    return row["summary"].endswith(SENTENCE_ENDS) and row["repeated_3gram_share"] <= task.max_repetition
+
+
+@torch.no_grad()
+def log_p_end(model, prompt: list[int], answer: list[int], ends: list[int]) -> float:
+    """``log P(end token | prompt + answer)``, the prompt prefilled and the answer decoded one token at a
+    time through the real evicting cache (one pass for the full cache)."""
+    ids = torch.tensor([prompt + answer], device=next(model.parameters()).device)
+    if compression_of(model) is None or not answer:
+        logits = model(ids, use_cache=False).logits[0, -1]
+    else:
+        logits = decode_logits(model, ids, prefill=len(prompt))[0, -1]
+    return torch.logsumexp(logits.float().log_softmax(-1)[ends], dim=-1).item()
+
+
+def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
+    task = cfg.task
+    path = Path(str(task.summaries)).expanduser()
+    records = data.load_records(dataset(cfg), task.split)
+    ends = sorted(end_token_ids(model, tokenizer))
+    if not ends:
+        raise ConfigError(f"model {cfg.model.name}: neither its generation config nor its tokenizer names an end token")
+    limit = max_positions(cfg.model)
+    chosen, skipped = [], 0
+    for row in read_summaries(path):
+        if not 0 <= row["index"] < len(records):
+            raise ConfigError(f"task.summaries={path}: sample {row['index']} is not in {task.dataset.name} {task.split} "
+                              f"({len(records)} records); give the summaries of a run on the same data")
+        prompt = tokenizer(records[row["index"]]["input"])["input_ids"]
+        too_long = task.max_prompt_tokens is not None and len(prompt) > task.max_prompt_tokens
+        if not eligible(row, task) or too_long:
+            skipped += 1
+            continue
+        answer = tokenizer(row["summary"], add_special_tokens=False)["input_ids"]
+        if len(prompt) + len(answer) > limit:
+            skipped += 1
+            continue
+        chosen.append((row["index"], prompt, answer))
+    if not chosen:
+        raise ConfigError(f"task.summaries={path}: no summary ends a sentence with repetition <= "
+                          f"task.max_repetition={task.max_repetition} within task.max_prompt_tokens={task.max_prompt_tokens}")
+    rows = []
+    for index, prompt, answer in tqdm(chosen, desc="stop probability", unit="sample"):
+        value = log_p_end(model, prompt, answer, ends)
+        rows.append({"index": index, "prompt_tokens": len(prompt), "p_end": math.exp(value), "log_p_end": value})
+    out = output_dir(cfg) / ROWS
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    n = len(rows)
+    return {"mean_p_end": sum(r["p_end"] for r in rows) / n, "mean_log_p_end": sum(r["log_p_end"] for r in rows) / n,
+            "num_samples": n, "num_skipped": skipped, "max_prompt_tokens": max(r["prompt_tokens"] for r in rows)}
