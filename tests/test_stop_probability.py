@@ -90,6 +90,23 @@ def test_half_precision_gives_finite_probabilities_close_to_float32(compose_conf
     assert got["mean_log_p_end"] == pytest.approx(ref["mean_log_p_end"], abs=0 if dtype == "float32" else 0.01)
 
 
+def test_killed_job_resumes_and_other_summaries_are_not_reused(compose_config, tmp_path, run_files, capsys):
+    articles, summaries = run_files
+    sink = ["policy=sink", "policy.sink=2", "policy.recent=24"]
+    whole = eval_job.evaluate(compose_config("eval", overrides(articles, summaries, *sink, f"paths.output_dir={tmp_path / 'whole'}")))
+    killed = tmp_path / "killed"
+    eval_job.evaluate(compose_config("eval", overrides(articles, summaries, *sink, f"paths.output_dir={killed}")))
+    lines = (killed / ROWS).read_text().splitlines()
+    (killed / ROWS).write_text(lines[0] + "\n" + lines[1][:20])  # one row, then a half-written one
+    resumed = eval_job.evaluate(compose_config("eval", overrides(articles, summaries, *sink, f"paths.output_dir={killed}")))
+    assert "resuming, 1 of 3 samples" in capsys.readouterr().out
+    assert rows_of(killed) == rows_of(tmp_path / "whole") and resumed["mean_log_p_end"] == whole["mean_log_p_end"]
+    summaries.write_text(summaries.read_text().replace("The council met on day 0.", "The council met again."))
+    eval_job.evaluate(compose_config("eval", overrides(articles, summaries, *sink, f"paths.output_dir={killed}")))
+    assert "3 rows of another configuration or data file are not reused" in capsys.readouterr().out
+    assert rows_of(killed)[0]["log_p_end"] != rows_of(tmp_path / "whole")[0]["log_p_end"]
+
+
 def test_max_prompt_tokens_skips_longer_prompts(compose_config, tmp_path, run_files):
     articles, summaries = run_files
     metrics = eval_job.evaluate(compose_config("eval", overrides(articles, summaries, "task.max_prompt_tokens=200")))

@@ -9,14 +9,15 @@ rows for the full cache, the plain policy and a trained state say whether a stat
 to stop where the reference run stopped. ``less-report`` pairs ``log_p_end`` with the plain policy's
 on the same samples.
 
-Rows go to ``stops.jsonl``: index, prompt_tokens, p_end, log_p_end.
+Rows go to ``stops.jsonl`` (index, prompt_tokens, p_end, log_p_end) one by one, tagged with a key of
+the config, the data and the summaries read, so a killed job rerun in the same folder continues.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from less_exp.models import end_token_ids, max_positions
 from less_exp.runtime import output_dir
 from less_exp.tasks import positive_int
 from less_exp.tasks.consistency import decode_logits
-from less_exp.tasks.summarization import dataset
+from less_exp.tasks.summarization import dataset, done_rows, run_key
 from less_exp.tracking import Tracker
 
 ROWS = "stops.jsonl"
@@ -107,14 +108,19 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     if not chosen:
         raise ConfigError(f"task.summaries={path}: no summary ends a sentence with repetition <= "
                           f"task.max_repetition={task.max_repetition} within task.max_prompt_tokens={task.max_prompt_tokens}")
-    rows = []
-    for index, prompt, answer in tqdm(chosen, desc="stop probability", unit="sample"):
-        value = log_p_end(model, prompt, answer, ends)
-        rows.append({"index": index, "prompt_tokens": len(prompt), "p_end": math.exp(value), "log_p_end": value})
+    key = hashlib.sha1((run_key(cfg, records) + hashlib.sha1(path.read_bytes()).hexdigest()).encode()).hexdigest()[:12]
     out = output_dir(cfg) / ROWS
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    rows = done_rows(out, key, {index for index, _, _ in chosen})
+    if rows:
+        print(f"stop_probability: resuming, {len(rows)} of {len(chosen)} samples already in {out}")
+    with out.open("a", encoding="utf-8") as sink:
+        todo = [item for item in chosen if item[0] not in rows]
+        for index, prompt, answer in tqdm(todo, desc="stop probability", unit="sample", total=len(chosen), initial=len(rows)):
+            value = log_p_end(model, prompt, answer, ends)
+            rows[index] = {"index": index, "run_key": key, "prompt_tokens": len(prompt), "p_end": math.exp(value), "log_p_end": value}
+            sink.write(json.dumps(rows[index]) + "\n")
+            sink.flush()
     n = len(rows)
-    return {"mean_p_end": sum(r["p_end"] for r in rows) / n, "mean_log_p_end": sum(r["log_p_end"] for r in rows) / n,
-            "num_samples": n, "num_skipped": skipped, "max_prompt_tokens": max(r["prompt_tokens"] for r in rows)}
+    return {"mean_p_end": sum(r["p_end"] for r in rows.values()) / n,
+            "mean_log_p_end": sum(r["log_p_end"] for r in rows.values()) / n,
+            "num_samples": n, "num_skipped": skipped, "max_prompt_tokens": max(r["prompt_tokens"] for r in rows.values())}

@@ -86,7 +86,7 @@ def _batches(lengths: dict[int, int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _done_rows(path: Path, key: str, wanted) -> dict[int, dict]:
+def done_rows(path: Path, key: str, wanted) -> dict[int, dict]:
     """Rows of this run (same config and data) already on disk for the ``wanted`` indices; a line cut
     short by a kill is dropped from the file; rows of another config or data file are left there and
     said so, never reused."""
@@ -126,7 +126,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
         raise ConfigError(f"{task.name}: none of the {len(records)} prompts fits model.max_length={limit} with "
                           f"task.max_new_tokens={task.max_new_tokens}")
     key, path = run_key(cfg, records), output_dir(cfg) / ROWS
-    rows = _done_rows(path, key, lengths)
+    rows = done_rows(path, key, lengths)
     if rows:
         print(f"{task.name}: resuming, {len(rows)} of {len(lengths)} samples already in {path}")
     scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=True)
