@@ -65,7 +65,7 @@ TASK_COLUMNS = {
     "generate": ("tokens_per_s", "num_prompts", "new_tokens", "repeated_3gram_share", "longest_repeat", "words"),
     "bench": ("*/speedup_vs_full", "*/memory_vs_full"),
     "stop_probability": ("mean_p_end", "mean_log_p_end", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped",
-                         "max_prompt_tokens"),
+                         "longest_prompt_tokens"),
     TRAIN: ("layers_done", "num_layers", "mean_val_mse", "mean_plain_mse", "mean_baseline_plus_mse"),
 }
 # Metrics plotted against the budget when --metric is not given.

@@ -72,7 +72,7 @@ def test_end_probability_matches_a_whole_sequence_pass(compose_config, tmp_path,
             f"Story {i}: the council met on day {i}. " * (4 + 3 * i)), SUMMARIES[i]), abs=1e-4)
         assert row["p_end"] == pytest.approx(math.exp(row["log_p_end"]))
     assert metrics["mean_log_p_end"] == pytest.approx(sum(r["log_p_end"] for r in rows.values()) / 3)
-    assert metrics["max_prompt_tokens"] == max(r["prompt_tokens"] for r in rows.values())
+    assert metrics["longest_prompt_tokens"] == max(r["prompt_tokens"] for r in rows.values())
     if "policy=sink" in policy:  # the prompts are longer than the budget: eviction changes the answer
         full = [whole_pass_log_p_end(compose_config("eval", overrides(articles, summaries, "policy=full")),
                                      PROMPT.format(f"Story {i}: the council met on day {i}. " * (4 + 3 * i)), SUMMARIES[i]) for i in rows]

@@ -123,4 +123,4 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     n = len(rows)
     return {"mean_p_end": sum(r["p_end"] for r in rows.values()) / n,
             "mean_log_p_end": sum(r["log_p_end"] for r in rows.values()) / n,
-            "num_samples": n, "num_skipped": skipped, "max_prompt_tokens": max(r["prompt_tokens"] for r in rows.values())}
+            "num_samples": n, "num_skipped": skipped, "longest_prompt_tokens": max(r["prompt_tokens"] for r in rows.values())}
