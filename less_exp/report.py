@@ -64,7 +64,7 @@ TASK_COLUMNS = {
     "consistency": ("max_abs_logit_diff",),
     "generate": ("tokens_per_s", "num_prompts", "new_tokens", "repeated_3gram_share", "longest_repeat", "words"),
     "bench": ("*/speedup_vs_full", "*/memory_vs_full"),
-    "stop_probability": ("mean_p_end", "mean_log_p_end", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped",
+    "stop_probability": ("mean_p_end", "mean_log_p_end", "greedy_stop_share", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped",
                          "longest_prompt_tokens"),
     TRAIN: ("layers_done", "num_layers", "mean_val_mse", "mean_plain_mse", "mean_baseline_plus_mse"),
 }

@@ -24,12 +24,16 @@ SUMMARIES = [
 ]
 
 
+def article(i: int) -> str:
+    return PROMPT.format(f"Story {i}: the council met on day {i}. " * (4 + 3 * i))
+
+
 @pytest.fixture
 def run_files(tmp_path_factory):
     """An articles file and the summaries.jsonl a summarization run on it would have written."""
     folder = tmp_path_factory.mktemp("data")
     articles = folder / "mini.jsonl"
-    articles.write_text("".join(json.dumps({"article": PROMPT.format(f"Story {i}: the council met on day {i}. " * (4 + 3 * i)),
+    articles.write_text("".join(json.dumps({"article": article(i),
                                             "summary_gt": f"The council met on day {i}."}) + "\n" for i in range(5)))
     summaries = folder / "summaries.jsonl"
     rows = [{"index": i, "summary": s, "repeated_3gram_share": 0.5 if s.startswith("It met") else 0.0} for i, s in enumerate(SUMMARIES)]
@@ -46,15 +50,17 @@ def rows_of(folder):
     return {r["index"]: r for r in map(json.loads, (folder / ROWS).read_text().splitlines())}
 
 
-def whole_pass_log_p_end(cfg, prompt: str, summary: str) -> float:
-    """The reference: the model (compressed when ``cfg`` says so) over prompt + summary in one parallel pass."""
+def whole_pass_log_p_end(cfg, prompt: str, summary: str) -> tuple[float, bool]:
+    """The reference: the model (compressed when ``cfg`` says so) over prompt + summary in one parallel
+    pass; the log-probability of an end token and whether one is the most likely next token."""
     runtime.seed_everything(cfg.seed)  # the untrained state's initialisation, as the job draws it
     model, tokenizer = load_model(cfg.model)
     model = factory.apply(model, cfg)
     ids = tokenizer(prompt)["input_ids"] + tokenizer(summary, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logp = model(torch.tensor([ids]), use_cache=False).logits[0, -1].double().log_softmax(-1)
-    return torch.logsumexp(logp[sorted(end_token_ids(model, tokenizer))], -1).item()
+    ends = sorted(end_token_ids(model, tokenizer))
+    return torch.logsumexp(logp[ends], -1).item(), int(logp.argmax()) in ends
 
 
 @pytest.mark.parametrize("policy", [["policy=full"], ["policy=sink", "policy.sink=2", "policy.recent=24",
@@ -68,14 +74,15 @@ def test_end_probability_matches_a_whole_sequence_pass(compose_config, tmp_path,
     rows = rows_of(tmp_path)
     assert sorted(rows) == [0, 3, 4] and metrics["num_samples"] == 3 and metrics["num_skipped"] == 2
     for i, row in rows.items():
-        assert row["log_p_end"] == pytest.approx(whole_pass_log_p_end(cfg, PROMPT.format(
-            f"Story {i}: the council met on day {i}. " * (4 + 3 * i)), SUMMARIES[i]), abs=1e-4)
+        log_p, greedy = whole_pass_log_p_end(cfg, article(i), SUMMARIES[i])
+        assert row["log_p_end"] == pytest.approx(log_p, abs=1e-4) and row["greedy_stop"] is greedy
         assert row["p_end"] == pytest.approx(math.exp(row["log_p_end"]))
+    assert metrics["greedy_stop_share"] == sum(r["greedy_stop"] for r in rows.values()) / 3
     assert metrics["mean_log_p_end"] == pytest.approx(sum(r["log_p_end"] for r in rows.values()) / 3)
     assert metrics["longest_prompt_tokens"] == max(r["prompt_tokens"] for r in rows.values())
     if "policy=sink" in policy:  # the prompts are longer than the budget: eviction changes the answer
-        full = [whole_pass_log_p_end(compose_config("eval", overrides(articles, summaries, "policy=full")),
-                                     PROMPT.format(f"Story {i}: the council met on day {i}. " * (4 + 3 * i)), SUMMARIES[i]) for i in rows]
+        full = [whole_pass_log_p_end(compose_config("eval", overrides(articles, summaries, "policy=full")), article(i), SUMMARIES[i])[0]
+                for i in rows]
         assert max(abs(a - r["log_p_end"]) for a, r in zip(full, rows.values())) > 1e-3
 
 
@@ -105,6 +112,15 @@ def test_killed_job_resumes_and_other_summaries_are_not_reused(compose_config, t
     eval_job.evaluate(compose_config("eval", overrides(articles, summaries, *sink, f"paths.output_dir={killed}")))
     assert "3 rows of another configuration or data file are not reused" in capsys.readouterr().out
     assert rows_of(killed)[0]["log_p_end"] != rows_of(tmp_path / "whole")[0]["log_p_end"]
+
+
+def test_rows_without_their_repetition_get_it_measured(compose_config, tmp_path, run_files):
+    """A summaries file of an older run (no repeated_3gram_share) still skips the summary that repeats itself."""
+    articles, summaries = run_files
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({"index": i, "summary": s}) + "\n" for i, s in enumerate(SUMMARIES)))
+    metrics = eval_job.evaluate(compose_config("eval", overrides(articles, bare)))
+    assert sorted(rows_of(tmp_path)) == [0, 3, 4] and metrics["num_skipped"] == 2
 
 
 def test_max_prompt_tokens_skips_longer_prompts(compose_config, tmp_path, run_files):

@@ -9,8 +9,12 @@ rows for the full cache, the plain policy and a trained state say whether a stat
 to stop where the reference run stopped. ``less-report`` pairs ``log_p_end`` with the plain policy's
 on the same samples.
 
-Rows go to ``stops.jsonl`` (index, prompt_tokens, p_end, log_p_end) one by one, tagged with a key of
-the config, the data and the summaries read, so a killed job rerun in the same folder continues.
+Greedy decoding stops only where an end token is the most likely token, so each row also says whether
+it is (``greedy_stop``); ``greedy_stop_share`` is the share of the summaries that greedy decoding with
+the model under test would end where the reference did.
+
+Rows go to ``stops.jsonl`` (index, prompt_tokens, p_end, log_p_end, greedy_stop) one by one, tagged with
+a key of the config, the data and the summaries read, so a killed job rerun in the same folder continues.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from less_exp.models import end_token_ids, max_positions
 from less_exp.runtime import output_dir
 from less_exp.tasks import positive_int
 from less_exp.tasks.consistency import decode_logits
+from less_exp.tasks.repetition import repetition
 from less_exp.tasks.summarization import dataset, done_rows, run_key
 from less_exp.tracking import Tracker
 
 ROWS = "stops.jsonl"
+FORMAT = 2  # of the rows: 2 adds greedy_stop
 SENTENCE_ENDS = (".", "!", "?")
 
 
@@ -52,13 +58,15 @@ def validate(cfg: DictConfig) -> None:
 
 
 def read_summaries(path: Path) -> list[dict]:
-    """The rows of a summarization run; a file without them is a user error named with its path."""
+    """The rows of a summarization run; a file without them is a user error named with its path. A row
+    written before summaries carried their repetition gets it measured here."""
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             row = json.loads(line)
-            rows.append({"index": int(row["index"]), "summary": str(row["summary"]),
-                         "repeated_3gram_share": float(row.get("repeated_3gram_share", 0.0))})
+            summary = str(row["summary"])
+            share = row["repeated_3gram_share"] if "repeated_3gram_share" in row else repetition(summary)["repeated_3gram_share"]
+            rows.append({"index": int(row["index"]), "summary": summary, "repeated_3gram_share": float(share)})
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"task.summaries={path}: line {number} is not a summaries.jsonl row "
                               f"({type(err).__name__}: {err}); give the file a task=xsum run wrote") from None
@@ -71,15 +79,17 @@ def eligible(row: dict, task: DictConfig) -> bool:
 
 
 @torch.no_grad()
-def log_p_end(model, prompt: list[int], answer: list[int], ends: list[int]) -> float:
-    """``log P(end token | prompt + answer)``, the prompt prefilled and the answer decoded one token at a
-    time through the real evicting cache (one pass for the full cache)."""
+def log_p_end(model, prompt: list[int], answer: list[int], ends: list[int]) -> tuple[float, bool]:
+    """``log P(end token | prompt + answer)`` and whether an end token is the most likely next token, the
+    prompt prefilled and the answer decoded one token at a time through the real evicting cache (one pass
+    for the full cache)."""
     ids = torch.tensor([prompt + answer], device=next(model.parameters()).device)
     if compression_of(model) is None or not answer:
         logits = model(ids, use_cache=False).logits[0, -1]
     else:
         logits = decode_logits(model, ids, prefill=len(prompt))[0, -1]
-    return torch.logsumexp(logits.float().log_softmax(-1)[ends], dim=-1).item()
+    logp = logits.float().log_softmax(-1)
+    return torch.logsumexp(logp[ends], dim=-1).item(), int(logp.argmax()) in ends
 
 
 def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
@@ -108,7 +118,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     if not chosen:
         raise ConfigError(f"task.summaries={path}: no summary ends a sentence with repetition <= "
                           f"task.max_repetition={task.max_repetition} within task.max_prompt_tokens={task.max_prompt_tokens}")
-    key = hashlib.sha1((run_key(cfg, records) + hashlib.sha1(path.read_bytes()).hexdigest()).encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{FORMAT}:{run_key(cfg, records)}:{hashlib.sha1(path.read_bytes()).hexdigest()}".encode()).hexdigest()[:12]
     out = output_dir(cfg) / ROWS
     rows = done_rows(out, key, {index for index, _, _ in chosen})
     if rows:
@@ -116,11 +126,13 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     with out.open("a", encoding="utf-8") as sink:
         todo = [item for item in chosen if item[0] not in rows]
         for index, prompt, answer in tqdm(todo, desc="stop probability", unit="sample", total=len(chosen), initial=len(rows)):
-            value = log_p_end(model, prompt, answer, ends)
-            rows[index] = {"index": index, "run_key": key, "prompt_tokens": len(prompt), "p_end": math.exp(value), "log_p_end": value}
+            value, greedy = log_p_end(model, prompt, answer, ends)
+            rows[index] = {"index": index, "run_key": key, "prompt_tokens": len(prompt), "p_end": math.exp(value),
+                           "log_p_end": value, "greedy_stop": greedy}
             sink.write(json.dumps(rows[index]) + "\n")
             sink.flush()
     n = len(rows)
     return {"mean_p_end": sum(r["p_end"] for r in rows.values()) / n,
             "mean_log_p_end": sum(r["log_p_end"] for r in rows.values()) / n,
+            "greedy_stop_share": sum(r["greedy_stop"] for r in rows.values()) / n,
             "num_samples": n, "num_skipped": skipped, "longest_prompt_tokens": max(r["prompt_tokens"] for r in rows.values())}
