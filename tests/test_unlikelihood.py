@@ -1,6 +1,7 @@
 """Unlikelihood on answers' repeated n-grams (training.unlikelihood): the mask against a slow reference,
-the term's value in every dtype, that its gradient lowers a repeat's probability, and an e2e job on
-answer windows that trains with it."""
+the term's value in every dtype, that its gradient lowers a repeat's probability, an e2e job on answer
+windows that trains with it, and the bad settings of every answer loss (unlikelihood, loop-free targets,
+decisive stops) refused before the model loads."""
 
 from __future__ import annotations
 
@@ -130,6 +131,13 @@ def test_e2e_with_unlikelihood_makes_the_students_repeats_less_likely_than_disti
     ([*E2E, "training.no_repeat_ngram=true"], r"training\.no_repeat_ngram=True must be an integer >= 2"),
     ([*TINY, "training=progressive", "training.no_repeat_ngram=4"],
      r"training\.no_repeat_ngram=4 works on the answers of answer windows; use data=c4_answers"),
+    ([*E2E, "training.end_target=0"], r"training\.end_target=0 must be a probability in \(0, 1\]"),
+    ([*E2E, "training.end_target=1.5"], r"training\.end_target=1\.5 must be a probability in \(0, 1\]"),
+    ([*E2E, "training.end_weight=0"], r"training\.end_weight=0 must be a number > 0"),
+    ([*TINY, "training=progressive", "training.end_target=0.9"],
+     r"training\.end_target=0\.9 works on the answers of answer windows; use data=c4_answers"),
+    ([*TINY, "training=e2e", "training.end_weight=4"],
+     r"training\.end_weight=4 works on the answers of answer windows; use data=c4_answers"),
 ])
 def test_bad_answer_loss_settings_are_refused_before_the_model_loads(compose_config, overrides, message, monkeypatch):
     monkeypatch.setattr(train_job, "load_model", lambda *a, **k: pytest.fail("the model loaded"), raising=False)

@@ -26,7 +26,8 @@ from less_exp.adapter import Compression, build, switch
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
-from less_exp.training import answers, layerwise, loop_free, record, teacher, unlikelihood
+from less_exp.models import end_token_ids
+from less_exp.training import answers, decisive_stop, layerwise, loop_free, record, teacher, unlikelihood
 
 AFTER = ("init", "plain")
 
@@ -58,6 +59,16 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(ban, bool) or not isinstance(ban, int) or ban < 2:
             raise ConfigError(f"training.no_repeat_ngram={ban!r} must be an integer >= 2 (tokens), or null for the teacher's own targets")
         _needs_answers(cfg, f"training.no_repeat_ngram={ban}", "set it to null")
+    end = t.get("end_target")
+    if end is not None:
+        if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0 < end <= 1:
+            raise ConfigError(f"training.end_target={end!r} must be a probability in (0, 1], or null for the teacher's own stops")
+        _needs_answers(cfg, f"training.end_target={end}", "set it to null")
+    end_weight = t.get("end_weight", 1.0)
+    if isinstance(end_weight, bool) or not isinstance(end_weight, (int, float)) or not end_weight > 0:
+        raise ConfigError(f"training.end_weight={end_weight!r} must be a number > 0 (1: stops weigh like other answer tokens)")
+    if end_weight != 1:
+        _needs_answers(cfg, f"training.end_weight={end_weight}", "set it to 1")
     init = t.get("init_from")
     if init is not None:
         if not (Path(init) / checkpoints.MANIFEST).is_file():
@@ -80,6 +91,10 @@ def identity(cfg: DictConfig, **settings) -> dict:
     extra = {"unlikelihood": ul, "unlikelihood_ngram": int(cfg.training.unlikelihood_ngram)} if ul > 0 else {}
     if cfg.training.get("no_repeat_ngram") is not None:
         extra["no_repeat_ngram"] = int(cfg.training.no_repeat_ngram)
+    if cfg.training.get("end_target") is not None:
+        extra["end_target"] = float(cfg.training.end_target)
+    if float(cfg.training.get("end_weight", 1.0)) != 1:
+        extra["end_weight"] = float(cfg.training.end_weight)
     return {"mode": cfg.training.mode, "data": str(cfg.data.name),
             "init_from": None if init is None else str(Path(init).resolve()), **extra, **settings}
 
@@ -106,8 +121,10 @@ def open_job(cfg: DictConfig, model: torch.nn.Module, out_dir: Path, **settings)
 class Data:
     """The token windows, their split, the teacher's per-sequence top-k files and, for answer windows,
     the loss weights of the predicting positions ``[N, S - 1]``, which of them predict an answer and
-    (with ``training.unlikelihood``) which predict a repeat of an answer's n-gram, and (with
-    ``training.no_repeat_ngram``) the tokens each position's loop-free target bans ``[N, S - 1, m]``."""
+    (with ``training.unlikelihood``) which predict a repeat of an answer's n-gram, (with
+    ``training.no_repeat_ngram``) the tokens each position's loop-free target bans ``[N, S - 1, m]``,
+    and (with ``training.end_target``) the answer positions where the teacher's favourite is an end
+    token, the model's ``end_ids`` and the mass a decisive stop puts on it."""
 
     windows: torch.Tensor
     train_idx: list[int]
@@ -117,14 +134,22 @@ class Data:
     answer: torch.Tensor | None = None
     repeats: torch.Tensor | None = None
     banned: torch.Tensor | None = None
+    stops: torch.Tensor | None = None
+    end_ids: torch.Tensor | None = None
+    end_target: float | None = None
 
     def batch_weights(self, idx: list[int], device) -> torch.Tensor | None:
         return None if self.weights is None else self.weights[idx].to(device)
 
     def batch_targets(self, idx: list[int], device) -> teacher.TopK:
-        """The teacher's top-k targets of windows ``idx``, loop-free where ``banned`` says so."""
+        """The teacher's top-k targets of windows ``idx``, loop-free where ``banned`` says so and with
+        decisive stops where ``stops`` does."""
         target = teacher.load([self.targets[i] for i in idx], device)
-        return target if self.banned is None else loop_free.without(target, self.banned[idx].to(device))
+        if self.banned is not None:
+            target = loop_free.without(target, self.banned[idx].to(device))
+        if self.end_target is not None:
+            target = decisive_stop.sharpened(target, self.stops[idx].to(device), self.end_ids, self.end_target)
+        return target
 
 
 def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> Data:
@@ -155,7 +180,17 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> 
     train_idx, val_idx = layerwise.split_domains(domains, float(t.val_fraction), cfg.seed)
     fingerprint = record.windows_fingerprint(cfg.model.name, windows, top_k=int(t.top_k))
     files = teacher.record(model, windows, Path(t.record_dir) / f"teacher_top{t.top_k}", int(t.top_k), fingerprint)
-    return Data(windows, train_idx, val_idx, files, weights, answer, repeats, banned)
+    stops = end_ids = None
+    end_target, end_weight = t.get("end_target"), float(t.get("end_weight", 1.0))
+    if answer is not None and (end_target is not None or end_weight != 1):
+        end_ids = torch.tensor(sorted(end_token_ids(model, tokenizer)), dtype=torch.long)
+        if not len(end_ids):
+            raise ConfigError(f"model={cfg.model.name} names no end token (generation config or tokenizer); "
+                              "training.end_target and end_weight need one")
+        stops = decisive_stop.stop_mask(files, answer, end_ids)
+        weights = torch.where(stops, weights * end_weight, weights)
+    return Data(windows, train_idx, val_idx, files, weights, answer, repeats, banned, stops, end_ids,
+                None if end_target is None else float(end_target))
 
 
 def attach(cfg: DictConfig, model: torch.nn.Module, states) -> Compression:
