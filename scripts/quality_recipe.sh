@@ -6,7 +6,9 @@
 # `unlikelihood` (the same windows, plus the unlikelihood of the answers' repeated 4-grams; experimental:
 # README shows it cuts loops but costs perplexity at weight 4) and `loopfree` (the same windows with
 # loop-free teacher targets: tokens that would repeat an answer's NGRAM-gram, default 4, banned;
-# experimental: README shows it leaves sentence loops on 500-1000-token prompts).
+# experimental: README shows it leaves sentence loops on 500-1000-token prompts) and `decisive` (loopfree
+# plus decisive stops: where the teacher's favourite is an end token the target puts END_TARGET, default
+# 0.9, on it, those positions weighted END_WEIGHT, default 8; README gives its measurements).
 # The last checkpoint is the state to use.
 #
 #   POLICY=sink START=outputs/.../checkpoint scripts/quality_recipe.sh
@@ -38,7 +40,9 @@ for stage in $STAGES; do
     onpolicy) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5) ;;
     unlikelihood) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 training.unlikelihood=1.0) ;;
     loopfree) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 "training.no_repeat_ngram=${NGRAM:-4}") ;;
-    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood, loopfree)" >&2; exit 2 ;;
+    decisive) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 "training.no_repeat_ngram=${NGRAM:-4}"
+                          "training.end_target=${END_TARGET:-0.9}" "training.end_weight=${END_WEIGHT:-8}") ;;
+    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood, loopfree, decisive)" >&2; exit 2 ;;
   esac
   ${LESS_TRAIN:-.venv/bin/less-train} model=smollm2_135m "logger=${LOGGER:-none}" "policy=$POLICY" "${POLICY_ARGS[@]}" \
     feature_map=less_mlp "gating=${GATING:-none}" "${stage_args[@]}" "training.init_from='$init'" \
