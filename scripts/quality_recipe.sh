@@ -14,6 +14,8 @@
 #   POLICY=sink START=outputs/.../checkpoint scripts/quality_recipe.sh
 #   POLICY=h2o START=... STAGES="mix answers" OUT=outputs/recipe scripts/quality_recipe.sh
 #   GATING=scalar_gate START=<a scalar_gate layer-wise checkpoint> scripts/quality_recipe.sh
+#   POLICY=sink START=<layerwise_cpu checkpoint> MAX_REPETITION=0 STAGES="answers decisive" scripts/quality_recipe.sh
+#     (sink's recipe: teacher answers with any repeated word 3-gram dropped, then decisive stops)
 #
 # Then judge the stages where users see them:
 #   POLICY=sink CHECKPOINTS="answers=$OUT/sink/answers/checkpoint ..." scripts/generation_check.sh
@@ -36,7 +38,7 @@ init=$START
 for stage in $STAGES; do
   case $stage in
     mix) stage_args=(training=e2e_cpu data=c4_wikitext2 training.num_sequences=12 training.val_fraction=0.17) ;;
-    answers) stage_args=(training=e2e_answers_cpu data=c4_answers) ;;
+    answers) stage_args=(training=e2e_answers_cpu data=c4_answers "data.answers.max_repetition=${MAX_REPETITION:-0.3}") ;;
     onpolicy) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5) ;;
     unlikelihood) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 training.unlikelihood=1.0) ;;
     loopfree) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 "training.no_repeat_ngram=${NGRAM:-4}") ;;

@@ -45,7 +45,8 @@ def test_every_stage_composes_and_passes_the_jobs_checks(compose_config, tmp_pat
 
 
 def test_stages_chain_and_an_unknown_stage_is_refused(tmp_path):
-    first, second = commands(recipe(tmp_path, "answers decisive", POLICY="h2o", END_TARGET="0.8"))
+    first, second = commands(recipe(tmp_path, "answers decisive", POLICY="h2o", END_TARGET="0.8", MAX_REPETITION="0"))
+    assert "data.answers.max_repetition=0" in first
     assert f"checkpoint={tmp_path / 'out/h2o/answers/checkpoint'}" in first
     assert f"training.init_from='{tmp_path / 'out/h2o/answers/checkpoint'}'" in second
     assert "training.end_target=0.8" in second and "policy=h2o" in second
