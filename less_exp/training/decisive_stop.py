@@ -21,10 +21,16 @@ import torch
 from less_exp.training.teacher import TopK, load
 
 
+def favourite(target: TopK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([...] token id, [...] slot in the top-k)`` of the target's most likely token at each position."""
+    slot = target.logp.argmax(-1)
+    return target.index.gather(-1, slot.unsqueeze(-1)).squeeze(-1), slot
+
+
 def top_is_end(target: TopK, end_ids: torch.Tensor) -> torch.Tensor:
     """``[...]`` bool: whether the target's most likely token is one of ``end_ids``."""
-    top = target.index.gather(-1, target.logp.argmax(-1, keepdim=True)).squeeze(-1)
-    return torch.isin(top, end_ids.to(top.device))
+    token, _ = favourite(target)
+    return torch.isin(token, end_ids.to(token.device))
 
 
 def stop_mask(files: list[Path], answer: torch.Tensor, end_ids: torch.Tensor) -> torch.Tensor:
@@ -38,9 +44,10 @@ def sharpened(target: TopK, where: torch.Tensor, end_ids: torch.Tensor, mass: fl
     """``target`` with, at the positions ``where`` (``[...]`` bool) whose favourite is an end token, that
     token's probability raised to ``mass`` (kept where it is already higher) and the rest scaled to share
     ``1 - mass``; other positions are returned as they are."""
-    best = target.logp.argmax(-1, keepdim=True)
+    token, slot = favourite(target)
+    best = slot.unsqueeze(-1)
     p = target.logp.gather(-1, best).squeeze(-1).exp()
-    hit = where & top_is_end(target, end_ids) & (p < mass)
+    hit = where & torch.isin(token, end_ids.to(token.device)) & (p < mass)
     scale = torch.log1p(-torch.full_like(p, mass)) - torch.log1p(-p)  # log of (1 - mass) / (1 - p)
     scale = torch.where(hit, scale, torch.zeros_like(scale))
     logp = target.logp + scale.unsqueeze(-1)
