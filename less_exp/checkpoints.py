@@ -308,11 +308,17 @@ def save_layer(root: Path, layer: int, state_dict: dict, metrics: dict, head: di
     return manifest
 
 
+def setup_mismatch(found: dict, own: dict) -> tuple[str, str] | None:
+    """Where two manifests or headers differ in what the states are for (model, policy, budget, state
+    components), however they were trained; None when a checkpoint of one can start or stand in for the other."""
+    return _mismatch(found, own, tuple(key for key in IDENTITY if key != "training"))
+
+
 def check_start(root: str | Path, head: dict, setting: str = "training.init_from") -> dict:
     """The manifest of a checkpoint that a training job starts from, refused (naming ``setting``) unless
     its states were trained for this job's model, policy, budget and state (any training mode)."""
     manifest = read_manifest(root)
-    differs = _mismatch(manifest, head, tuple(key for key in IDENTITY if key != "training"))
+    differs = setup_mismatch(manifest, head)
     if differs:
         raise ConfigError(f"{setting}={root} holds states trained with {differs[0]}, but this job has {differs[1]}; "
                           "start from a checkpoint trained with the same model, policy and state settings")

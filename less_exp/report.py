@@ -274,9 +274,10 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
     added in brackets; ``(ckpt)`` marks states loaded from ``checkpoint`` (``loads_checkpoint``
     is false for train jobs, whose checkpoint is their output). A checkpoint run names the
     components the checkpoint brought (its manifest's feature map, gating, re-weighting and
-    normaliser, where the run left them at their defaults) when the manifest can be read, and the
-    training mode when it is not layer-wise (``[training=progressive]``) and the training data when it
-    is not WikiText-2 (``[data=c4_answers]``).
+    normaliser, where the run left them at their defaults) when the manifest can be read, the
+    training mode when it is not layer-wise (``[training=progressive]``; an interpolation with its
+    alpha, ``[training=interpolate(0.5)]``) and the training data when it is not WikiText-2
+    (``[data=c4_answers]``).
     """
     if policy == "full":
         return "full"
@@ -300,9 +301,12 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
     trained_by = (manifest if checkpoint else config).get("training")
     mode = trained_by.get("mode") if isinstance(trained_by, Mapping) else None
     if mode not in (None, "layerwise"):
-        others.append(f"training={mode}")
+        alpha = trained_by.get("alpha") if mode == "interpolate" else None
+        others.append(f"training={mode}" + (f"({alpha:g})" if isinstance(alpha, (int, float)) else ""))
     if checkpoint:
         trained_on = trained_by.get("data") if isinstance(trained_by, Mapping) else None
+    elif mode == "interpolate":  # trains on nothing; its data is what the job evaluates on
+        trained_on = None
     else:  # a training job: its own data
         trained_on = (config.get("data") or {}).get("name") if isinstance(trained_by, Mapping) else None
     if trained_on not in (None, TRAINING_DATA_DEFAULT):

@@ -178,6 +178,13 @@ def test_method_label_names_the_state(tmp_path):
     assert report.method_label(mixture_job, "sink", loads_checkpoint=False) == "sink+less_mlp[training=e2e,data=c4_wikitext2]"
     wikitext_job = {**e2e_job, "data": {"name": "wikitext2"}}
     assert report.method_label(wikitext_job, "sink", loads_checkpoint=False) == "sink+less_mlp[training=e2e]"
+    (tmp_path / "mixed").mkdir()  # an interpolation names its alpha
+    (tmp_path / "mixed" / "manifest.json").write_text(json.dumps({
+        "feature_map": {"name": "less_mlp"}, "training": {"mode": "interpolate", "data": "c4_answers", "alpha": 0.25}}))
+    mixed = {**_config("perplexity", "sink", checkpoint="mixed"), "paths": {"root_dir": str(tmp_path)}}
+    assert report.method_label(mixed, "sink") == "sink+less_mlp[training=interpolate(0.25),data=c4_answers](ckpt)"
+    mix_job = {**e2e_job, "training": {"mode": "interpolate", "alpha": 0.5}, "data": {"name": "xsum_articles"}}
+    assert report.method_label(mix_job, "sink", loads_checkpoint=False) == "sink+less_mlp[training=interpolate(0.5)]"
 
 
 def test_no_results_is_an_error_with_exit_code_2(tmp_path):

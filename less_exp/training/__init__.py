@@ -12,7 +12,7 @@ from types import ModuleType
 
 from less_exp.errors import ConfigError
 
-MODES = ("layerwise", "progressive", "e2e")
+MODES = ("layerwise", "progressive", "e2e", "interpolate")
 
 
 def get(mode: str) -> ModuleType:
