@@ -8,8 +8,9 @@
 # loop-free teacher targets: tokens that would repeat an answer's NGRAM-gram, default 4, banned;
 # experimental: README shows it leaves sentence loops on 500-1000-token prompts) and `decisive` (loopfree
 # plus decisive stops: where the teacher's favourite is an end token the target puts END_TARGET, default
-# 0.9, on it, those positions weighted END_WEIGHT, default 8; README gives its measurements).
-# The last checkpoint is the state to use.
+# 0.9, on it, those positions weighted END_WEIGHT, default 8; README gives its measurements) and `blend`
+# (no training: the states (1 - ALPHA) x the previous stage's start + ALPHA x its result, ALPHA default
+# 0.5; training=interpolate). The last checkpoint is the state to use.
 #
 #   POLICY=sink START=outputs/.../checkpoint scripts/quality_recipe.sh
 #   POLICY=h2o START=... STAGES="mix answers" OUT=outputs/recipe scripts/quality_recipe.sh
@@ -35,7 +36,9 @@ if [ -z "${START:-}" ]; then
 fi
 
 init=$START
+before=
 for stage in $STAGES; do
+  from=("training.init_from='$init'")
   case $stage in
     mix) stage_args=(training=e2e_cpu data=c4_wikitext2 training.num_sequences=12 training.val_fraction=0.17) ;;
     answers) stage_args=(training=e2e_answers_cpu data=c4_answers "data.answers.max_repetition=${MAX_REPETITION:-0.3}") ;;
@@ -44,11 +47,17 @@ for stage in $STAGES; do
     loopfree) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 "training.no_repeat_ngram=${NGRAM:-4}") ;;
     decisive) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 "training.no_repeat_ngram=${NGRAM:-4}"
                           "training.end_target=${END_TARGET:-0.9}" "training.end_weight=${END_WEIGHT:-8}") ;;
-    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood, loopfree, decisive)" >&2; exit 2 ;;
+    blend) if [ -z "$before" ]; then
+             echo "quality_recipe.sh: blend mixes a stage's start and its result; put it after a training stage" >&2; exit 2
+           fi
+           stage_args=(training=interpolate "training.toward='$init'" "training.alpha=${ALPHA:-0.5}")
+           from=("training.init_from='$before'") ;;
+    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood, loopfree, decisive, blend)" >&2; exit 2 ;;
   esac
   ${LESS_TRAIN:-.venv/bin/less-train} model=smollm2_135m "logger=${LOGGER:-none}" "policy=$POLICY" "${POLICY_ARGS[@]}" \
-    feature_map=less_mlp "gating=${GATING:-none}" "${stage_args[@]}" "training.init_from='$init'" \
+    feature_map=less_mlp "gating=${GATING:-none}" "${stage_args[@]}" "${from[@]}" \
     "hydra.run.dir=$OUT/$POLICY/$stage" "checkpoint=$OUT/$POLICY/$stage/checkpoint"
+  before=$init
   init=$OUT/$POLICY/$stage/checkpoint
 done
 echo "quality_recipe.sh: the recipe's state is $init"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from less_exp import paths, train as train_job
+from less_exp import checkpoints, paths, train as train_job
 
 SCRIPT = Path(paths.conf_dir()).parent / "scripts" / "quality_recipe.sh"
 STAGES = ("mix", "answers", "onpolicy", "unlikelihood", "loopfree", "decisive")
@@ -54,3 +54,20 @@ def test_stages_chain_and_an_unknown_stage_is_refused(tmp_path):
     assert done.returncode == 2 and "unknown stage nonsense" in done.stderr
     missing = recipe(tmp_path, "answers", START="")
     assert missing.returncode == 2 and "set START" in missing.stderr
+    alone = recipe(tmp_path, "blend")
+    assert alone.returncode == 2 and "put it after a training stage" in alone.stderr
+
+
+def test_blend_mixes_the_last_stages_start_and_result(compose_config, tmp_path, monkeypatch):
+    _, blend = commands(recipe(tmp_path, "decisive blend", ALPHA="0.3"))
+    decisive = tmp_path / "out/sink/decisive/checkpoint"
+    assert "training=interpolate" in blend and "training.alpha=0.3" in blend
+    assert f"training.init_from='{tmp_path / 'start'}'" in blend and f"training.toward='{decisive}'" in blend
+    assert f"checkpoint={tmp_path / 'out/sink/blend/checkpoint'}" in blend
+    for folder in (tmp_path / "start", decisive):  # stand-ins for the two ends, of one set-up
+        folder.mkdir(parents=True)
+        (folder / checkpoints.MANIFEST).write_text(f'{{"format": "{checkpoints.FORMAT}", "training": {{"data": "c4_answers"}}}}')
+    overrides = [a.replace("'", "") for a in blend if not a.startswith("hydra.")]
+    monkeypatch.setattr(train_job, "load_model", lambda *a, **k: (_ for _ in ()).throw(Loaded()))
+    with pytest.raises(Loaded):
+        train_job.train(compose_config("train", overrides))
