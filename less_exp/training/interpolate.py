@@ -70,16 +70,13 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     """Write the interpolated states into the checkpoint folder; returns the job's metrics."""
     t, alpha = cfg.training, float(cfg.training.alpha)
     budget = instantiate_component(cfg.policy).budget(length=t.seq_len, max_positions=model.config.max_position_embeddings)
-    ends = []
-    for key in ENDS:
-        states = make_states(cfg, model)
-        head = checkpoints.header(cfg, model, states, budget, training=identity(cfg))
+    start, end = make_states(cfg, model), make_states(cfg, model)
+    head = checkpoints.header(cfg, model, start, budget, training=identity(cfg))
+    for key, states in zip(ENDS, (start, end)):
         manifest = checkpoints.check_start(t[key], head, f"training.{key}")
         checkpoints.load_into(states, t[key], manifest, model=model)
-        ends.append(states)
     root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
     checkpoints.open_for_training(root, head)
-    start, end = ends
     for layer in range(len(start)):
         a, b = start[layer].state_dict(), end[layer].state_dict()
         try:
