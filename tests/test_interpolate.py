@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_training import EVAL, train_checkpoint
+from tiny_training import EVAL, TINY, train_checkpoint
 
 from less_exp import checkpoints, eval as eval_job, train as train_job
 from less_exp.errors import ConfigError
@@ -45,10 +45,18 @@ def test_mix_is_exact_at_the_ends_and_rounds_once_between(dtype):
     assert got.dtype == dtype
     exact = 0.7 * a.double() + 0.3 * b.double()  # one rounding away, so within one unit of the dtype's precision
     torch.testing.assert_close(got.double(), exact, rtol=torch.finfo(dtype).eps, atol=0)
-    count = torch.tensor([3, 4])
-    assert torch.equal(interpolate.mix(count, count.clone(), 0.5), count)
-    with pytest.raises(ValueError, match="non-floating"):
-        interpolate.mix(count, count + 1, 0.5)
+
+
+def test_fixed_tensors_are_kept_and_must_agree():
+    a = {"w": torch.zeros(3), "omega": torch.ones(2, 3), "count": torch.tensor([3, 4])}
+    b = {"w": torch.ones(3), "omega": torch.ones(2, 3), "count": torch.tensor([3, 4])}
+    got = interpolate.mix_layer(a, b, 0.25, fixed={"omega"})
+    assert torch.equal(got["w"], torch.full((3,), 0.25)) and torch.equal(got["omega"], a["omega"])
+    assert torch.equal(got["count"], a["count"])
+    for name in ("omega", "count"):
+        other = {**b, name: b[name] + 1}
+        with pytest.raises(ValueError, match=f"fixed tensor {name} differs"):
+            interpolate.mix_layer(a, other, 0.25, fixed={"omega"})
 
 
 def test_interpolated_checkpoint_is_the_mix_of_its_ends(compose_config, ends, tmp_path):
@@ -106,4 +114,27 @@ def test_bad_settings_are_refused_before_the_model_loads(compose_config, ends, t
     overrides = ["model=tiny_llama", "logger=none", "training=interpolate", f"checkpoint={tmp_path / 'out'}",
                  *(f"training.{key}={'null' if value is None else value}" for key, value in settings.items())]
     with pytest.raises(ConfigError, match=message):
+        train_job.train(compose_config("train", overrides))
+
+
+def test_ends_with_different_fixed_features_are_refused(compose_config, tmp_path):
+    """Performer's random projection is a buffer: two checkpoints whose projections differ have no states between them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    performer = ["feature_map=performer", "feature_map.features=4"]
+    tiny = [o for o in TINY if not o.startswith("feature_map.")] + performer + ["training.epochs=1"]
+    start, end = tmp_path / "a", tmp_path / "b"
+    train_job.train(compose_config("train", [*tiny, f"checkpoint={start}"]))
+    train_job.train(compose_config("train", [*tiny, "seed=1", f"checkpoint={end}"]))
+    path = checkpoints.layer_file(end, 1)
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    tensors = load_file(str(path))
+    (name,) = [k for k in tensors if k.endswith("omega")]
+    save_file({**tensors, name: -tensors[name]}, str(path), metadata=meta)
+    overrides = ["model=tiny_llama", "logger=none", "policy=sink", "policy.recent=8", *performer, "training=interpolate",
+                 "training.seq_len=64", f"training.init_from={start}", f"training.toward={end}",
+                 f"checkpoint={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match=rf"layer 1: its fixed tensor {name} differs between the two ends"):
         train_job.train(compose_config("train", overrides))

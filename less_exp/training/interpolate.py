@@ -24,15 +24,23 @@ ENDS = ("init_from", "toward")
 
 
 def mix(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``(1 - alpha) * a + alpha * b`` in float64, returned in ``a``'s dtype: exactly ``a`` at 0 and ``b`` at 1.
-
-    A non-floating tensor (a count, an index) cannot be mixed and must be equal at both ends.
-    """
-    if not a.is_floating_point():
-        if not torch.equal(a, b):
-            raise ValueError("non-floating tensors differ between the two states")
-        return a.clone()
+    """``(1 - alpha) * a + alpha * b`` in float64, returned in ``a``'s dtype: exactly ``a`` at 0 and ``b`` at 1."""
     return torch.lerp(a.double(), b.double(), alpha).to(a.dtype)
+
+
+def mix_layer(a: dict, b: dict, alpha: float, fixed: set[str]) -> dict:
+    """One layer's state dict between ``a`` and ``b``. The ``fixed`` tensors (buffers such as Performer's
+    random features) and non-floating ones are not trained and must be equal at both ends: a mix of two
+    different random projections is neither."""
+    mixed = {}
+    for name, value in a.items():
+        if name in fixed or not value.is_floating_point():
+            if not torch.equal(value, b[name]):
+                raise ValueError(f"its fixed tensor {name} differs between the two ends")
+            mixed[name] = value
+        else:
+            mixed[name] = mix(value, b[name], alpha)
+    return mixed
 
 
 def validate(cfg: DictConfig) -> None:
@@ -78,11 +86,12 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
     checkpoints.open_for_training(root, head)
     for layer in range(len(start)):
-        a, b = start[layer].state_dict(), end[layer].state_dict()
+        fixed = {name for name, _ in start[layer].named_buffers()}
         try:
-            mixed = {name: mix(a[name], b[name], alpha) for name in a}
+            mixed = mix_layer(start[layer].state_dict(), end[layer].state_dict(), alpha, fixed)
         except ValueError as err:
-            raise ConfigError(f"layer {layer}: {err}; these checkpoints cannot be interpolated") from err
+            raise ConfigError(f"layer {layer}: {err} (training.init_from={t.init_from}, training.toward={t.toward}); "
+                              "interpolate between checkpoints that share their fixed features") from err
         checkpoints.save_layer(root, layer, mixed, {"alpha": alpha}, head)
     manifest = checkpoints.read_manifest(root)
     print(f"less-train: {len(start)} layers of {1 - alpha:g} x {t.init_from} + {alpha:g} x {t.toward} into {root}")
