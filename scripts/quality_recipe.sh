@@ -10,14 +10,14 @@
 # plus decisive stops: where the teacher's favourite is an end token the target puts END_TARGET, default
 # 0.9, on it, those positions weighted END_WEIGHT, default 8; README gives its measurements) and `blend`
 # (no training: the states (1 - ALPHA) x the previous stage's start + ALPHA x its result, ALPHA default
-# 0.7, sink's measured choice; training=interpolate). The last checkpoint is the state to use.
+# 0.8, sink's measured choice; training=interpolate). The last checkpoint is the state to use.
 #
 #   POLICY=sink START=outputs/.../checkpoint scripts/quality_recipe.sh
 #   POLICY=h2o START=... STAGES="mix answers" OUT=outputs/recipe scripts/quality_recipe.sh
 #   GATING=scalar_gate START=<a scalar_gate layer-wise checkpoint> scripts/quality_recipe.sh
 #   POLICY=sink START=<layerwise_cpu checkpoint> MAX_REPETITION=0 STAGES="answers decisive blend" scripts/quality_recipe.sh
 #     (sink's recipe: teacher answers with any repeated word 3-gram dropped, then decisive stops, then
-#     0.3 x the first + 0.7 x the second, which keeps perplexity below Baseline+ on every domain)
+#     0.2 x the first + 0.8 x the second, which keeps perplexity below Baseline+ on every domain)
 #
 # Then judge the stages where users see them:
 #   POLICY=sink CHECKPOINTS="answers=$OUT/sink/answers/checkpoint ..." scripts/generation_check.sh
@@ -51,7 +51,7 @@ for stage in $STAGES; do
     blend) if [ -z "$before" ]; then
              echo "quality_recipe.sh: blend mixes a stage's start and its result; put it after a training stage" >&2; exit 2
            fi
-           stage_args=(training=interpolate "training.toward='$init'" "training.alpha=${ALPHA:-0.7}")
+           stage_args=(training=interpolate "training.toward='$init'" "training.alpha=${ALPHA:-0.8}")
            from=("training.init_from='$before'") ;;
     *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood, loopfree, decisive, blend)" >&2; exit 2 ;;
   esac
