@@ -18,6 +18,7 @@ from less_exp.adapter import attention_modules, build, compression_of
 from less_exp.errors import ConfigError
 from less_exp.policies import EvictionPolicy, Full
 from less_exp.state import LessState, LessStates
+from less_exp.validation import positive_int
 
 
 def instantiate_component(node: DictConfig, **kwargs):
@@ -34,7 +35,7 @@ def validate(cfg: DictConfig) -> None:
     except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
         raise ConfigError(f"policy={cfg.policy.get('name')}: {_root_cause(err)}") from err
     size = cfg.gating.get("chunk_size", 64)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not positive_int(size):
         raise ConfigError(f"gating.chunk_size={size!r} must be an integer >= 1")
     if cfg.get("checkpoint_budget", "trained") not in checkpoints.BUDGET_MATCH:
         raise ConfigError(f"checkpoint_budget={cfg.checkpoint_budget!r} is not one of {checkpoints.BUDGET_MATCH}")

@@ -15,18 +15,12 @@ from omegaconf import DictConfig
 
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
-
-
-def positive_int(value) -> bool:
-    """An int (not a bool) of at least 1."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+from less_exp.validation import require_positive_ints
 
 
 def require_positive(task: DictConfig, *keys: str) -> None:
     """Each ``task.<key>`` must be a positive integer."""
-    for key in keys:
-        if not positive_int(task[key]):
-            raise ConfigError(f"task.{key}={task[key]} must be a positive integer")
+    require_positive_ints(task, "task", *keys)
 
 
 def require_seq_len(cfg: DictConfig) -> None:

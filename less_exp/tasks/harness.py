@@ -21,8 +21,9 @@ from less_exp import data, hub
 from less_exp.adapter import CACHE_ARG, LessCache, compression_of
 from less_exp.errors import ConfigError, UnavailableError
 from less_exp.runtime import output_dir
-from less_exp.tasks import perplexity, positive_int, require_positive, require_seq_len
+from less_exp.tasks import perplexity, require_positive, require_seq_len
 from less_exp.tracking import Tracker
+from less_exp.validation import positive_int
 
 LOCAL_TASK = "less_wikitext"
 ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from less_exp import data
 from less_exp.errors import ConfigError
-from less_exp.tasks import positive_int, require_positive, require_seq_len
+from less_exp.tasks import require_positive, require_seq_len
 from less_exp.tracking import Tracker
+from less_exp.validation import positive_int
 
 WINDOWS = ("disjoint", "rolling")
 

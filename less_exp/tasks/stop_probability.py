@@ -33,11 +33,11 @@ from less_exp.adapter import compression_of
 from less_exp.errors import ConfigError
 from less_exp.models import end_token_ids, max_positions
 from less_exp.runtime import output_dir
-from less_exp.tasks import positive_int
 from less_exp.tasks.consistency import decode_logits
 from less_exp.tasks.repetition import repetition
 from less_exp.tasks.summarization import dataset, done_rows, run_key
 from less_exp.tracking import Tracker
+from less_exp.validation import positive_int
 
 ROWS = "stops.jsonl"
 FORMAT = 2  # of the rows: 2 adds greedy_stop

@@ -28,11 +28,12 @@ from less_exp import data
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.runtime import output_dir
-from less_exp.tasks import positive_int, require_positive
+from less_exp.tasks import require_positive
 from less_exp.adapter import cache_kwargs
 from less_exp.tasks.generate import new_cache
 from less_exp.tasks.repetition import METRICS as REPETITION, repetition
 from less_exp.tracking import Tracker
+from less_exp.validation import positive_int
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 ROWS = "summaries.jsonl"

@@ -35,6 +35,7 @@ from less_exp.adapter import Compression, LessCache, cache_kwargs, switch
 from less_exp.errors import ConfigError
 from less_exp.models import end_token_ids
 from less_exp.tasks.repetition import repeated_ngram_share, words
+from less_exp.validation import require_positive_ints
 
 FORMAT = 3  # of the cached windows: 2 keeps each answer's tokens as generated, end token included; 3 drops loops
 
@@ -50,10 +51,7 @@ def validate(answers: DictConfig, seq_len: int) -> None:
     templates = list(answers.templates)
     if not templates or any(not isinstance(t, str) or "{text}" not in t for t in templates):
         raise ConfigError("data.answers.templates must be a non-empty list of strings, each with a {text} field for the document")
-    for key in ("max_doc_tokens", "min_doc_tokens", "max_new_tokens"):
-        value = answers[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"data.answers.{key}={value!r} must be a positive integer")
+    require_positive_ints(answers, "data.answers", "max_doc_tokens", "min_doc_tokens", "max_new_tokens")
     if answers.min_doc_tokens > answers.max_doc_tokens:
         raise ConfigError(f"data.answers.min_doc_tokens={answers.min_doc_tokens} exceeds max_doc_tokens={answers.max_doc_tokens}")
     if answers.min_doc_tokens + answers.max_new_tokens >= seq_len:

@@ -19,6 +19,7 @@ from less_exp import checkpoints
 from less_exp.errors import ConfigError
 from less_exp.factory import instantiate_component, make_states
 from less_exp.tracking import Tracker
+from less_exp.validation import require_positive_ints
 
 ENDS = ("init_from", "toward")
 
@@ -57,9 +58,7 @@ def validate(cfg: DictConfig) -> None:
     alpha = t.get("alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ConfigError(f"training.alpha={alpha!r} must be a number in [0, 1]: the share of training.toward's states")
-    if isinstance(t.get("seq_len"), bool) or not isinstance(t.get("seq_len"), int) or t.seq_len < 1:
-        raise ConfigError(f"training.seq_len={t.get('seq_len')!r} must be a positive integer: the length both ends "
-                          "were trained at (a budget set as a ratio depends on it)")
+    require_positive_ints(t, "training", "seq_len", why="the length both ends were trained at, which a budget set as a ratio depends on")
     start, end = checkpoints.read_manifest(t.init_from), checkpoints.read_manifest(t.toward)
     differs = checkpoints.setup_mismatch(end, start)
     if differs:
@@ -67,10 +66,10 @@ def validate(cfg: DictConfig) -> None:
                           f"{t.init_from} holds {differs[1]}; interpolate between checkpoints of one set-up")
 
 
-def identity(cfg: DictConfig) -> dict:
-    """The fingerprint's ``training``: both ends (absolute), ``alpha``, and the data the far end was trained on."""
-    toward = checkpoints.read_manifest(cfg.training.toward)["training"]
-    return {"mode": "interpolate", "data": toward.get("data"), "init_from": str(Path(cfg.training.init_from).resolve()),
+def identity(cfg: DictConfig, toward: dict) -> dict:
+    """The fingerprint's ``training``: both ends (absolute), ``alpha``, and the data the far end (its
+    manifest ``toward``) was trained on."""
+    return {"mode": "interpolate", "data": toward["training"].get("data"), "init_from": str(Path(cfg.training.init_from).resolve()),
             "toward": str(Path(cfg.training.toward).resolve()), "alpha": float(cfg.training.alpha)}
 
 
@@ -79,9 +78,10 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     t, alpha = cfg.training, float(cfg.training.alpha)
     budget = instantiate_component(cfg.policy).budget(length=t.seq_len, max_positions=model.config.max_position_embeddings)
     start, end = make_states(cfg, model), make_states(cfg, model)
-    head = checkpoints.header(cfg, model, start, budget, training=identity(cfg))
-    for key, states in zip(ENDS, (start, end)):
-        manifest = checkpoints.check_start(t[key], head, f"training.{key}")
+    head = checkpoints.header(cfg, model, start, budget)
+    manifests = [checkpoints.check_start(t[key], head, f"training.{key}") for key in ENDS]
+    head["training"] = identity(cfg, manifests[1])
+    for key, states, manifest in zip(ENDS, (start, end), manifests):
         checkpoints.load_into(states, t[key], manifest, model=model)
     root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
     checkpoints.open_for_training(root, head)

@@ -38,6 +38,7 @@ from less_exp.policies import Budget, EvictionPolicy
 from less_exp.state import LessState
 from less_exp.tracking import Tracker
 from less_exp.training import record
+from less_exp.validation import positive_int, require_positive_ints
 
 POSITIVE_INTS = ("num_sequences", "seq_len", "epochs", "batch_size", "lr_step_epochs", "record_batch_size")
 
@@ -52,9 +53,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"policy={policy.name} evicts nothing, so the state has nothing to learn; pick sink, h2o, ...")
     if policy.baseline_plus:
         raise ConfigError("policy.baseline_plus=true is an evaluation baseline; train with baseline_plus=false")
-    for key in POSITIVE_INTS:
-        if not isinstance(t.get(key), int) or t[key] < 1:
-            raise ConfigError(f"training.{key}={t.get(key)!r} must be a positive integer")
+    require_positive_ints(t, "training", *POSITIVE_INTS)
     if t.seq_len > int(cfg.model.max_length):
         raise ConfigError(f"training.seq_len={t.seq_len} exceeds model.max_length={cfg.model.max_length}")
     if t.num_sequences < 2:
@@ -69,7 +68,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"training.{key}={value!r} must be a number > 0, or null for training.lr")
     if t.record_dtype not in DTYPES:
         raise ConfigError(f"training.record_dtype={t.record_dtype!r} is not one of {sorted(DTYPES)}")
-    if t.layers_per_recording is not None and (not isinstance(t.layers_per_recording, int) or t.layers_per_recording < 1):
+    if t.layers_per_recording is not None and not positive_int(t.layers_per_recording):
         raise ConfigError(f"training.layers_per_recording={t.layers_per_recording} must be a positive integer or null")
     _layer_range(t, None)
     try:

@@ -28,6 +28,7 @@ from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
 from less_exp.models import end_token_ids
 from less_exp.training import answers, decisive_stop, layerwise, loop_free, record, teacher, unlikelihood
+from less_exp.validation import positive_int, require_positive_ints
 
 AFTER = ("init", "plain")
 
@@ -36,11 +37,9 @@ def validate(cfg: DictConfig) -> None:
     """Layer-wise training's checks (state, policy, sizes, learning rates, data) and the output modes' own."""
     layerwise.validate(cfg)
     t = cfg.training
-    for key in ("top_k",):
-        if isinstance(t.get(key), bool) or not isinstance(t.get(key), int) or t[key] < 1:
-            raise ConfigError(f"training.{key}={t.get(key)!r} must be a positive integer")
+    require_positive_ints(t, "training", "top_k")
     save_every = t.get("save_every")
-    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
+    if save_every is not None and not positive_int(save_every):
         raise ConfigError(f"training.save_every={save_every!r} must be a positive integer (steps), or null for every epoch")
     weight = t.get("mse_weight", 0.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
@@ -50,7 +49,7 @@ def validate(cfg: DictConfig) -> None:
     ul, n = t.get("unlikelihood", 0.0), t.get("unlikelihood_ngram", 4)
     if isinstance(ul, bool) or not isinstance(ul, (int, float)) or ul < 0:
         raise ConfigError(f"training.unlikelihood={ul!r} must be a number >= 0 (0: off)")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not positive_int(n):
         raise ConfigError(f"training.unlikelihood_ngram={n!r} must be a positive integer (tokens)")
     if ul > 0:
         _needs_answers(cfg, f"training.unlikelihood={ul}", "set it to 0")

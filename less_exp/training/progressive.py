@@ -31,6 +31,7 @@ from less_exp.errors import ConfigError
 from less_exp.models import DTYPES
 from less_exp.tracking import Tracker
 from less_exp.training import output, record
+from less_exp.validation import require_positive_ints
 
 summary_line = output.summary_line
 
@@ -38,9 +39,7 @@ summary_line = output.summary_line
 def validate(cfg: DictConfig) -> None:
     output.validate(cfg)
     t = cfg.training
-    window = t.get("window")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ConfigError(f"training.window={window!r} must be a positive integer (layers trained together)")
+    require_positive_ints(t, "training", "window", why="layers trained together")
     if t.get("after") not in output.AFTER:
         raise ConfigError(f"training.after={t.get('after')!r} must be one of {output.AFTER} (what the layers after a stage run)")
 

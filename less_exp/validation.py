@@ -1,0 +1,20 @@
+"""Checks of config values that many jobs share; each failure is a one-line ConfigError naming the setting."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from less_exp.errors import ConfigError
+
+
+def positive_int(value) -> bool:
+    """An int (not a bool) of at least 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def require_positive_ints(section: Mapping, prefix: str, *keys: str, why: str = "") -> None:
+    """Each ``<prefix>.<key>`` must be a positive integer; ``why`` (what the setting is) ends the message."""
+    for key in keys:
+        value = section.get(key)
+        if not positive_int(value):
+            raise ConfigError(f"{prefix}.{key}={value!r} must be a positive integer{f' ({why})' if why else ''}")
