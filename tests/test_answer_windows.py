@@ -52,6 +52,9 @@ def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compos
     reweighted = compose_config("train", [*E2E, "data.answers.weight=16"]).data
     assert torch.equal(answers.build(reweighted, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)[0], windows), \
         "the loss weight changes no window: a weight sweep reuses them"
+    as_int = compose_config("train", [*E2E, "data.answers.student_share=0"]).data
+    assert torch.equal(answers.build(as_int, model, tokenizer, "train", 64, 4, tmp_path / "cache", cfg.model.name)[0], windows), \
+        "student_share=0 and the preset's 0.0 are one setting: the cached windows serve both"
 
 
 def test_short_documents_at_a_windows_end_fill_it_and_the_set_goes_on(compose_config, tmp_path):

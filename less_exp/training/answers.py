@@ -166,6 +166,11 @@ def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, s
     return ids[:seq_len], mask[:seq_len]
 
 
+def _as_float(value):
+    """A number as the cache key sees it: ``0`` and ``0.0`` (a user may write either) name the same windows."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, seq_len: int, count: int,
           cache_dir: Path, model_name: str, student: Compression | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``count`` answer windows ``[N, seq_len]`` and their answer-token mask (bool, same shape).
@@ -181,7 +186,8 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
     if answers.student_share == 0:
         student = None
     docs = data.load_documents(data_cfg.source, split)
-    settings = {k: v for k, v in OmegaConf.to_container(answers, resolve=True).items() if k != "weight"}  # weighs, builds nothing
+    settings = {k: _as_float(v) for k, v in OmegaConf.to_container(answers, resolve=True).items()
+                if k != "weight"}  # weighs, builds nothing
     key = hashlib.sha256(json.dumps({"format": FORMAT, "model": model_name, "settings": settings, "seq_len": seq_len, "count": count,
                                      "docs": hashlib.sha256("\x00".join(docs).encode()).hexdigest(),
                                      "student": None if student is None else _parameters_hash(student)},
