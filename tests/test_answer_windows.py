@@ -57,6 +57,30 @@ def test_answer_windows_hold_the_models_own_greedy_answers_and_are_cached(compos
         "student_share=0 and the preset's 0.0 are one setting: the cached windows serve both"
 
 
+def test_a_killed_build_resumes_at_its_next_window_and_equals_an_uninterrupted_one(compose_config, tmp_path, monkeypatch):
+    cfg = compose_config("train", E2E)
+    model, tokenizer = load_model(cfg.model)
+    whole = answers.build(cfg.data, model, tokenizer, "train", 64, 5, tmp_path / "whole", cfg.model.name)
+    real, calls = answers._window, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(answers, "_window", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        answers.build(cfg.data, model, tokenizer, "train", 64, 5, tmp_path / "cache", cfg.model.name)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.endswith(".partial.pt")], "finished windows are kept"
+    calls.clear()
+    monkeypatch.setattr(answers, "_window", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = answers.build(cfg.data, model, tokenizer, "train", 64, 5, tmp_path / "cache", cfg.model.name)
+    assert len(calls) == 3, "the resumed build makes only the windows the killed one had not"
+    assert torch.equal(resumed[0], whole[0]) and torch.equal(resumed[1], whole[1])
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".partial.pt")], "a finished build leaves no partial file"
+
+
 def test_short_documents_at_a_windows_end_fill_it_and_the_set_goes_on(compose_config, tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": text}) + "\n" for text in ["word " * 12, "tiny", "bit", "end"] * 30))

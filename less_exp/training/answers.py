@@ -177,7 +177,9 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
 
     Call while the model runs full attention (it is left so); ``student`` (built for this model, needed
     when ``student_share > 0``) answers its share of the prompts. The result is cached in ``cache_dir``
-    under a hash of the model, the source documents, the settings and the student's parameters.
+    under a hash of the model, the source documents, the settings and the student's parameters. Each
+    finished window is saved as it comes (generation is greedy, so the rest of a build continues from
+    the next document): a killed build resumes where it stopped rather than redoing minutes a window.
     """
     answers = data_cfg.answers
     validate(answers, seq_len)
@@ -197,15 +199,25 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
         saved = torch.load(path, weights_only=True)
         return saved["windows"], saved["answer"]
     templates = list(answers.templates)
-    stream = iter(enumerate(docs))
-    rows, masks, episodes = [], [], [0, 0]
-    with tqdm(total=count, desc="answer windows", unit="window") as bar:
+    partial = path.with_name(f"answers_{key}.partial.pt")
+    progress = torch.load(partial, weights_only=True) if partial.is_file() else {"rows": [], "masks": [], "episodes": [0, 0], "next": 0}
+    rows, masks, episodes = progress["rows"], progress["masks"], progress["episodes"]
+    taken = [progress["next"]]
+
+    def stream():
+        for n in range(taken[0], len(docs)):
+            taken[0] = n + 1
+            yield n, docs[n]
+
+    documents = stream()
+    with tqdm(total=count, initial=len(rows), desc="answer windows", unit="window") as bar:
         while len(rows) < count:
-            ids, mask = _window(model, tokenizer, stream, templates, answers, seq_len, student, episodes)
+            ids, mask = _window(model, tokenizer, documents, templates, answers, seq_len, student, episodes)
             if len(ids) < seq_len:
                 break
             rows.append(ids)
             masks.append(mask)
+            _save_atomic({"rows": rows, "masks": masks, "episodes": episodes, "next": taken[0]}, partial)
             bar.update(1)
             bar.set_postfix(dropped=episodes[1])
     if len(rows) < 2:
@@ -214,11 +226,18 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
         raise ConfigError(f"data={data_cfg.name}: the {len(docs)} documents of data={data_cfg.source.name} split={split} "
                           f"fill only {len(rows)} answer window of {seq_len} tokens{dropped}; lower training.seq_len")
     windows, answer = torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool)
+    _save_atomic({"windows": windows, "answer": answer}, path)
+    partial.unlink(missing_ok=True)
+    return windows, answer
+
+
+def _save_atomic(obj, path: Path) -> None:
+    """Write ``path`` whole or not at all: a kill leaves the previous file, and two jobs building the
+    same windows write the same bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"windows": windows, "answer": answer}, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
-    return windows, answer
 
 
 def _parameters_hash(comp: Compression) -> str | None:

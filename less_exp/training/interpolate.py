@@ -58,7 +58,8 @@ def validate(cfg: DictConfig) -> None:
     alpha = t.get("alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ConfigError(f"training.alpha={alpha!r} must be a number in [0, 1]: the share of training.toward's states")
-    require_positive_ints(t, "training", "seq_len", why="the length both ends were trained at, which a budget set as a ratio depends on")
+    require_positive_ints(t, "training", "seq_len",
+                          why="the length both ends were trained at, which a budget set as a ratio depends on")
     start, end = checkpoints.read_manifest(t.init_from), checkpoints.read_manifest(t.toward)
     differs = checkpoints.setup_mismatch(end, start)
     if differs:
