@@ -8,6 +8,9 @@
 # POLICY is the policy the checkpoints were trained with, at its preset budget (POLICY_ARGS adds
 # overrides, e.g. "policy.recent=100"); N articles from ../shared/data/xsum (the longest prompt is
 # printed by less-report as mean_prompt_tokens and in each summaries.jsonl row as prompt_tokens).
+# The long-prompt check: MIN_PROMPT_TOKENS=1025 N=null keeps only the prompts longer than 1024-token
+# training windows, 103 of the 1000 articles (up to 4897 tokens; 28 of them among the first 200).
+# DATA_PATH: another jsonl of the same fields (task.data_path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/generation_check}
@@ -16,7 +19,8 @@ N=${N:-200}
 read -ra POLICY_ARGS <<< "${POLICY_ARGS:-}"
 read -ra CHECKPOINT_LIST <<< "${CHECKPOINTS:-}"
 EVAL=(${LESS_EVAL:-.venv/bin/less-eval} model=smollm2_135m "logger=${LOGGER:-none}" task=xsum task.do_sample=false
-      "task.num_samples=$N")
+      "task.num_samples=$N" "task.min_prompt_tokens=${MIN_PROMPT_TOKENS:-null}")
+[ -n "${DATA_PATH:-}" ] && EVAL+=("task.data_path=$DATA_PATH")
 source scripts/checkpoint_entry.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

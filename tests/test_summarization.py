@@ -51,6 +51,20 @@ def test_num_samples_takes_the_first_records(compose_config, tmp_path, articles)
     assert metrics["num_samples"] == 3 and sorted(r["index"] for r in rows_of(tmp_path)) == [0, 1, 2]
 
 
+def test_min_prompt_tokens_keeps_only_the_long_prompts(compose_config, tmp_path, articles):
+    everything = eval_job.evaluate(compose_config("eval", [*base(articles, "task.num_samples=null"), f"paths.output_dir={tmp_path / 'all'}"]))
+    lengths = {r["index"]: r["prompt_tokens"] for r in rows_of(tmp_path / "all")}
+    shortest = sorted(set(lengths.values()))[1]
+    metrics = eval_job.evaluate(compose_config("eval", [*base(articles, "task.num_samples=null", f"task.min_prompt_tokens={shortest}"),
+                                                        f"paths.output_dir={tmp_path / 'long'}"]))
+    kept = sorted(r["index"] for r in rows_of(tmp_path / "long"))
+    assert kept == sorted(i for i, n in lengths.items() if n >= shortest) and 0 < len(kept) < len(lengths)
+    assert metrics["num_samples"] == len(kept) and metrics["num_skipped"] == everything["num_skipped"] == 1
+    assert metrics["mean_prompt_tokens"] > everything["mean_prompt_tokens"]
+    with pytest.raises(ConfigError, match=r"task.min_prompt_tokens=100000 tokens \(the longest that fits has \d+\)"):
+        eval_job.evaluate(compose_config("eval", [*base(articles, "task.min_prompt_tokens=100000"), f"paths.output_dir={tmp_path / 'none'}"]))
+
+
 def test_killed_job_resumes_to_the_same_rows(compose_config, tmp_path, articles):
     whole = tmp_path / "whole"
     cut_short = tmp_path / "killed"
@@ -120,6 +134,7 @@ def test_presets_and_bad_values(compose_config, tmp_path):
     with pytest.raises(UnavailableError, match="cnn_dailymail"):
         eval_job.evaluate(compose_config("eval", ["model=tiny_llama", "logger=none", "task=cnn_dailymail"]))
     for bad, match in [("task.num_samples=0", "num_samples"), (f"task.data_path={tmp_path}/none.jsonl", "data_path"),
-                       ("task.temperature=0", "temperature"), ("task.max_new_tokens=5000", "max_new_tokens")]:
+                       ("task.temperature=0", "temperature"), ("task.max_new_tokens=5000", "max_new_tokens"),
+                       ("task.min_prompt_tokens=0", "min_prompt_tokens"), ("task.min_prompt_tokens=true", "min_prompt_tokens")]:
         with pytest.raises(ConfigError, match=match):
             eval_job.evaluate(compose_config("eval", ["model=tiny_llama", "logger=none", "task=xsum", bad]))

@@ -3,7 +3,8 @@
 Paper settings by default: the H2O 0-shot prompt (``###\\nArticle: ...\\n\\nSummarize the above article
 in N sentences.\\n``), temperature-0.3 sampling seeded per batch (or ``task.do_sample=false`` for
 greedy), at most 128 new tokens, output cut at ``###``. Prompts that do not fit the model with their
-new tokens are skipped and counted. Scores are ROUGE-1/2/L F-measures (rouge-score, stemmed) and the
+new tokens are skipped and counted; ``task.min_prompt_tokens`` keeps only the long prompts (those past
+a state's training windows, say), to test them in numbers a first-N sample does not hold. Scores are ROUGE-1/2/L F-measures (rouge-score, stemmed) and the
 output's length and repetition (``tasks.repetition``), averaged over the scored samples; ``less-report``
 pairs runs on the same samples.
 
@@ -52,6 +53,8 @@ def validate(cfg: DictConfig) -> None:
     require_positive(task, "max_new_tokens", "batch_size")
     if task.num_samples is not None and not positive_int(task.num_samples):
         raise ConfigError(f"task.num_samples={task.num_samples} must be a positive integer or null (every record)")
+    if task.get("min_prompt_tokens") is not None and not positive_int(task.min_prompt_tokens):
+        raise ConfigError(f"task.min_prompt_tokens={task.min_prompt_tokens} must be a positive integer or null (every prompt)")
     if task.do_sample and not task.temperature > 0:
         raise ConfigError(f"task.temperature={task.temperature} must be > 0 when task.do_sample=true")
     if not 0 < task.top_p <= 1:
@@ -69,7 +72,8 @@ def run_key(cfg: DictConfig, records: list[dict]) -> str:
     """A short hash of everything that decides the generated text and its scores: the config and the
     prompts and references themselves, so rows written for an older data file are never reused."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "policy", "feature_map", "gating", "reweighting", "normalizer")}
-    task = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k not in ("batch_size",)}
+    task = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items()
+            if k != "batch_size" and not (k == "min_prompt_tokens" and v is None)}  # unset: the key of runs before it existed
     data = hashlib.sha1(json.dumps([[r["input"], r["target"]] for r in records]).encode()).hexdigest()
     blob = json.dumps({**parts, "task": task, "checkpoint": cfg.get("checkpoint"), "seed": cfg.seed, "data": data},
                       sort_keys=True, default=str)
@@ -126,6 +130,13 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     if not lengths:
         raise ConfigError(f"{task.name}: none of the {len(records)} prompts fits model.max_length={limit} with "
                           f"task.max_new_tokens={task.max_new_tokens}")
+    shortest = task.get("min_prompt_tokens")
+    if shortest is not None:
+        longest = max(lengths.values())
+        lengths = {i: n for i, n in lengths.items() if n >= shortest}
+        if not lengths:
+            raise ConfigError(f"{task.name}: none of the {len(records)} prompts has task.min_prompt_tokens={shortest} tokens "
+                              f"(the longest that fits has {longest}); lower it or raise task.num_samples")
     key, path = run_key(cfg, records), output_dir(cfg) / ROWS
     rows = done_rows(path, key, lengths)
     if rows:
