@@ -4,9 +4,9 @@ Paper settings by default: the H2O 0-shot prompt (``###\\nArticle: ...\\n\\nSumm
 in N sentences.\\n``), temperature-0.3 sampling seeded per batch (or ``task.do_sample=false`` for
 greedy), at most 128 new tokens, output cut at ``###``. Prompts that do not fit the model with their
 new tokens are skipped and counted; ``task.min_prompt_tokens`` keeps only the long prompts (those past
-a state's training windows, say), to test them in numbers a first-N sample does not hold. Scores are ROUGE-1/2/L F-measures (rouge-score, stemmed) and the
-output's length and repetition (``tasks.repetition``), averaged over the scored samples; ``less-report``
-pairs runs on the same samples.
+a state's training windows, say), to test them in numbers a first-N sample does not hold. Scores are
+ROUGE-1/2/L F-measures (rouge-score, stemmed) and the output's length and repetition
+(``tasks.repetition``), averaged over the scored samples; ``less-report`` pairs runs on the same samples.
 
 Rows are appended to ``summaries.jsonl`` batch by batch, tagged with a key of everything that shapes
 the output, so a killed job rerun in the same folder continues where it stopped and gives the same

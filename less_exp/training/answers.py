@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from less_exp.adapter import Compression, LessCache, cache_kwargs, switch
 from less_exp.errors import ConfigError
 from less_exp.models import end_token_ids
 from less_exp.tasks.repetition import repeated_ngram_share, words
+from less_exp.training.record import save_atomic
 from less_exp.validation import require_positive_ints
 
 FORMAT = 3  # of the cached windows: 2 keeps each answer's tokens as generated, end token included; 3 drops loops
@@ -217,7 +217,7 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
                 break
             rows.append(ids)
             masks.append(mask)
-            _save_atomic({"rows": rows, "masks": masks, "episodes": episodes, "next": taken[0]}, partial)
+            save_atomic({"rows": rows, "masks": masks, "episodes": episodes, "next": taken[0]}, partial)
             bar.update(1)
             bar.set_postfix(dropped=episodes[1])
     if len(rows) < 2:
@@ -226,18 +226,9 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
         raise ConfigError(f"data={data_cfg.name}: the {len(docs)} documents of data={data_cfg.source.name} split={split} "
                           f"fill only {len(rows)} answer window of {seq_len} tokens{dropped}; lower training.seq_len")
     windows, answer = torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool)
-    _save_atomic({"windows": windows, "answer": answer}, path)
+    save_atomic({"windows": windows, "answer": answer}, path)
     partial.unlink(missing_ok=True)
     return windows, answer
-
-
-def _save_atomic(obj, path: Path) -> None:
-    """Write ``path`` whole or not at all: a kill leaves the previous file, and two jobs building the
-    same windows write the same bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _parameters_hash(comp: Compression) -> str | None:
