@@ -18,3 +18,10 @@ def require_positive_ints(section: Mapping, prefix: str, *keys: str, why: str = 
         value = section.get(key)
         if not positive_int(value):
             raise ConfigError(f"{prefix}.{key}={value!r} must be a positive integer{f' ({why})' if why else ''}")
+
+
+def require_positive_int_or_null(section: Mapping, prefix: str, key: str, null_means: str) -> None:
+    """``<prefix>.<key>`` must be a positive integer or null; ``null_means`` says what null does."""
+    value = section.get(key)
+    if value is not None and not positive_int(value):
+        raise ConfigError(f"{prefix}.{key}={value!r} must be a positive integer or null ({null_means})")

@@ -70,6 +70,22 @@ def test_bad_values_fail_before_loading(compose_config, monkeypatch, override, m
         eval_job.evaluate(compose_config("eval", [*TINY, "logger=none", override]))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task.max_windows=0"], "task.max_windows=0 must be a positive integer or null (all windows)"),
+        (["task=xsum", "task.num_samples=-3"], "task.num_samples=-3 must be a positive integer or null (every record)"),
+        (["task=xsum", "task.min_prompt_tokens=true"], "task.min_prompt_tokens=True must be a positive integer or null (every prompt)"),
+        (["task=harness", "task.limit=2.5"], "task.limit=2.5 must be a positive integer or null (every document)"),
+    ],
+)
+def test_counts_that_may_be_null_say_what_null_means(compose_config, monkeypatch, overrides, message):
+    monkeypatch.setattr(eval_job, "load_model", _must_not_load)
+    with pytest.raises(ConfigError) as caught:
+        eval_job.evaluate(compose_config("eval", ["model=tiny_llama", "logger=none", *overrides]))
+    assert str(caught.value) == message
+
+
 def test_offline_hub_model_fails_before_loading(compose_config, monkeypatch):
     monkeypatch.setattr(eval_job, "load_model", _must_not_load)
     with pytest.raises(UnavailableError, match="model=smollm2_135m"):

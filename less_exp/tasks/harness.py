@@ -23,7 +23,7 @@ from less_exp.errors import ConfigError, UnavailableError
 from less_exp.runtime import output_dir
 from less_exp.tasks import perplexity, require_positive, require_seq_len
 from less_exp.tracking import Tracker
-from less_exp.validation import positive_int
+from less_exp.validation import require_positive_int_or_null
 
 LOCAL_TASK = "less_wikitext"
 ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -31,9 +31,8 @@ ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 def validate(cfg: DictConfig) -> None:
     task = cfg.task
-    limit, shots = task.get("limit"), task.get("num_fewshot")
-    if limit is not None and not positive_int(limit):
-        raise ConfigError(f"task.limit={limit} must be a positive integer or null")
+    require_positive_int_or_null(task, "task", "limit", "every document")
+    shots = task.get("num_fewshot")
     if shots is not None and not (isinstance(shots, int) and not isinstance(shots, bool) and shots >= 0):
         raise ConfigError(f"task.num_fewshot={shots} must be a non-negative integer or null")
     if task.names is None:

@@ -23,7 +23,7 @@ from less_exp import data
 from less_exp.errors import ConfigError
 from less_exp.tasks import require_positive, require_seq_len
 from less_exp.tracking import Tracker
-from less_exp.validation import positive_int
+from less_exp.validation import require_positive_int_or_null
 
 WINDOWS = ("disjoint", "rolling")
 
@@ -40,8 +40,7 @@ def validate_text(cfg: DictConfig) -> None:
     batch size, and the split on disk or on the hub."""
     task = cfg.task
     require_seq_len(cfg)
-    if task.max_windows is not None and not positive_int(task.max_windows):
-        raise ConfigError(f"task.max_windows={task.max_windows} must be a positive integer or null (all windows)")
+    require_positive_int_or_null(task, "task", "max_windows", "all windows")
     require_positive(task, "batch_size")
     if task.split not in data.SPLITS:
         raise ConfigError(f"task.split={task.split!r} is not one of {data.SPLITS}")

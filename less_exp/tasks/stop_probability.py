@@ -37,7 +37,7 @@ from less_exp.tasks.consistency import decode_logits
 from less_exp.tasks.repetition import repetition
 from less_exp.tasks.summarization import dataset, done_rows, run_key
 from less_exp.tracking import Tracker
-from less_exp.validation import positive_int
+from less_exp.validation import require_positive_int_or_null
 
 ROWS = "stops.jsonl"
 FORMAT = 2  # of the rows: 2 adds greedy_stop
@@ -49,8 +49,7 @@ def validate(cfg: DictConfig) -> None:
     if not task.summaries or not Path(str(task.summaries)).expanduser().is_file():
         raise ConfigError(f"task.summaries={task.summaries} is not a file: give the summaries.jsonl of a task=xsum or "
                           "task=cnn_dailymail run (e.g. the plain run of scripts/generation_check.sh)")
-    if task.max_prompt_tokens is not None and not positive_int(task.max_prompt_tokens):
-        raise ConfigError(f"task.max_prompt_tokens={task.max_prompt_tokens} must be a positive integer or null (every prompt)")
+    require_positive_int_or_null(task, "task", "max_prompt_tokens", "every prompt")
     if not isinstance(task.max_repetition, (int, float)) or isinstance(task.max_repetition, bool) or not 0 <= task.max_repetition <= 1:
         raise ConfigError(f"task.max_repetition={task.max_repetition} must be a share in [0, 1]")
     data.check_available(dataset(cfg), task.split)

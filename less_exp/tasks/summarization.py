@@ -34,7 +34,7 @@ from less_exp.adapter import cache_kwargs
 from less_exp.tasks.generate import new_cache
 from less_exp.tasks.repetition import METRICS as REPETITION, repetition
 from less_exp.tracking import Tracker
-from less_exp.validation import positive_int
+from less_exp.validation import require_positive_int_or_null
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 ROWS = "summaries.jsonl"
@@ -51,10 +51,8 @@ def dataset(cfg: DictConfig) -> DictConfig:
 def validate(cfg: DictConfig) -> None:
     task = cfg.task
     require_positive(task, "max_new_tokens", "batch_size")
-    if task.num_samples is not None and not positive_int(task.num_samples):
-        raise ConfigError(f"task.num_samples={task.num_samples} must be a positive integer or null (every record)")
-    if task.get("min_prompt_tokens") is not None and not positive_int(task.min_prompt_tokens):
-        raise ConfigError(f"task.min_prompt_tokens={task.min_prompt_tokens} must be a positive integer or null (every prompt)")
+    require_positive_int_or_null(task, "task", "num_samples", "every record")
+    require_positive_int_or_null(task, "task", "min_prompt_tokens", "every prompt")
     if task.do_sample and not task.temperature > 0:
         raise ConfigError(f"task.temperature={task.temperature} must be > 0 when task.do_sample=true")
     if not 0 < task.top_p <= 1:

@@ -38,7 +38,7 @@ from less_exp.policies import Budget, EvictionPolicy
 from less_exp.state import LessState
 from less_exp.tracking import Tracker
 from less_exp.training import record
-from less_exp.validation import positive_int, require_positive_ints
+from less_exp.validation import require_positive_int_or_null, require_positive_ints
 
 POSITIVE_INTS = ("num_sequences", "seq_len", "epochs", "batch_size", "lr_step_epochs", "record_batch_size")
 
@@ -68,8 +68,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"training.{key}={value!r} must be a number > 0, or null for training.lr")
     if t.record_dtype not in DTYPES:
         raise ConfigError(f"training.record_dtype={t.record_dtype!r} is not one of {sorted(DTYPES)}")
-    if t.layers_per_recording is not None and not positive_int(t.layers_per_recording):
-        raise ConfigError(f"training.layers_per_recording={t.layers_per_recording} must be a positive integer or null")
+    require_positive_int_or_null(t, "training", "layers_per_recording", "every layer in one recording")
     _layer_range(t, None)
     try:
         policy.check_fits(policy.budget(length=t.seq_len, max_positions=int(cfg.model.max_length)), t.seq_len)
