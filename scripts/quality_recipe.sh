@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The quality recipe (README "States that help generation"): from a layer-wise checkpoint, e2e training
 # on answer windows (C4 documents in instruction prompts with the full-cache model's own answers).
+# `progressive` is the same stage in progressive form (layers trained in order, 6 at a time, on the same
+# windows; README shows it passes the generation check on h2o like the e2e stage).
 # Optional stages, run in the order given in STAGES, each from the one before: `mix` (e2e on C4 +
 # WikiText-2 running text), `onpolicy` (answer windows half of which the student itself answered) and
 # `unlikelihood` (the same windows, plus the unlikelihood of the answers' repeated 4-grams; experimental:
@@ -43,6 +45,7 @@ for stage in $STAGES; do
   case $stage in
     mix) stage_args=(training=e2e_cpu data=c4_wikitext2 training.num_sequences=12 training.val_fraction=0.17) ;;
     answers) stage_args=(training=e2e_answers_cpu data=c4_answers "data.answers.max_repetition=${MAX_REPETITION:-0.3}") ;;
+    progressive) stage_args=(training=progressive_answers_cpu data=c4_answers "data.answers.max_repetition=${MAX_REPETITION:-0.3}") ;;
     onpolicy) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5) ;;
     unlikelihood) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 training.unlikelihood=1.0) ;;
     loopfree) stage_args=(training=e2e_answers_cpu data=c4_answers data.answers.student_share=0.5 "training.no_repeat_ngram=${NGRAM:-4}") ;;
@@ -53,7 +56,7 @@ for stage in $STAGES; do
            fi
            stage_args=(training=interpolate "training.toward='$init'" "training.alpha=${ALPHA:-0.8}")
            from=("training.init_from='$before'") ;;
-    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, onpolicy, unlikelihood, loopfree, decisive, blend)" >&2; exit 2 ;;
+    *) echo "quality_recipe.sh: unknown stage $stage (mix, answers, progressive, onpolicy, unlikelihood, loopfree, decisive, blend)" >&2; exit 2 ;;
   esac
   ${LESS_TRAIN:-.venv/bin/less-train} model=smollm2_135m "logger=${LOGGER:-none}" "policy=$POLICY" "${POLICY_ARGS[@]}" \
     feature_map=less_mlp "gating=${GATING:-none}" "${stage_args[@]}" "${from[@]}" \

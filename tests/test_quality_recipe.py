@@ -12,7 +12,7 @@ import pytest
 from less_exp import checkpoints, paths, train as train_job
 
 SCRIPT = Path(paths.conf_dir()).parent / "scripts" / "quality_recipe.sh"
-STAGES = ("mix", "answers", "onpolicy", "unlikelihood", "loopfree", "decisive")
+STAGES = ("mix", "answers", "progressive", "onpolicy", "unlikelihood", "loopfree", "decisive")
 
 
 def recipe(tmp_path: Path, stages: str, **env) -> subprocess.CompletedProcess:
