@@ -28,7 +28,7 @@ from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
 from less_exp.models import end_token_ids
 from less_exp.training import answers, decisive_stop, layerwise, loop_free, record, teacher, unlikelihood
-from less_exp.validation import positive_int, require_positive_ints
+from less_exp.validation import positive_int, require_positive_int_or_null, require_positive_ints
 
 AFTER = ("init", "plain")
 
@@ -38,9 +38,7 @@ def validate(cfg: DictConfig) -> None:
     layerwise.validate(cfg)
     t = cfg.training
     require_positive_ints(t, "training", "top_k")
-    save_every = t.get("save_every")
-    if save_every is not None and not positive_int(save_every):
-        raise ConfigError(f"training.save_every={save_every!r} must be a positive integer (steps), or null for every epoch")
+    require_positive_int_or_null(t, "training", "save_every", "progress saved every epoch only")
     weight = t.get("mse_weight", 0.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ConfigError(f"training.mse_weight={weight!r} must be a number >= 0")
