@@ -25,3 +25,10 @@ def require_positive_int_or_null(section: Mapping, prefix: str, key: str, null_m
     value = section.get(key)
     if value is not None and not positive_int(value):
         raise ConfigError(f"{prefix}.{key}={value!r} must be a positive integer or null ({null_means})")
+
+
+def require_nonnegative_number(section: Mapping, prefix: str, key: str, default: float, why: str = "") -> None:
+    """``<prefix>.<key>`` (``default`` when absent) must be an int or float (not a bool) of at least 0."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{prefix}.{key}={value!r} must be a number >= 0{f' ({why})' if why else ''}")

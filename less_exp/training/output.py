@@ -28,7 +28,7 @@ from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
 from less_exp.models import end_token_ids
 from less_exp.training import answers, decisive_stop, layerwise, loop_free, record, teacher, unlikelihood
-from less_exp.validation import positive_int, require_positive_int_or_null, require_positive_ints
+from less_exp.validation import positive_int, require_nonnegative_number, require_positive_int_or_null, require_positive_ints
 
 AFTER = ("init", "plain")
 
@@ -39,14 +39,11 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.training
     require_positive_ints(t, "training", "top_k")
     require_positive_int_or_null(t, "training", "save_every", "progress saved every epoch only")
-    weight = t.get("mse_weight", 0.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise ConfigError(f"training.mse_weight={weight!r} must be a number >= 0")
+    require_nonnegative_number(t, "training", "mse_weight", 0.0)
     if data.is_answers(cfg.data):
         answers.validate(cfg.data.answers, int(t.seq_len))
+    require_nonnegative_number(t, "training", "unlikelihood", 0.0, why="0: off")
     ul, n = t.get("unlikelihood", 0.0), t.get("unlikelihood_ngram", 4)
-    if isinstance(ul, bool) or not isinstance(ul, (int, float)) or ul < 0:
-        raise ConfigError(f"training.unlikelihood={ul!r} must be a number >= 0 (0: off)")
     if not positive_int(n):
         raise ConfigError(f"training.unlikelihood_ngram={n!r} must be a positive integer (tokens)")
     if ul > 0:
