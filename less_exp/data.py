@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from less_exp.errors import ConfigError, UnavailableError
 from less_exp.hub import hub_reachable
+from less_exp.validation import number
 
 SPLITS = ("train", "validation", "test")
 
@@ -59,7 +60,7 @@ def mixture_weights(data_cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"data={data_cfg.name}: data.weights names {sorted(weights)} but the mixture holds {sorted(parts)}; "
                           "give one weight per part")
     for name, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        if not number(weight) or not weight > 0:
             raise ConfigError(f"data.weights.{name}={weight!r} must be a number > 0")
     total = sum(float(w) for w in weights.values())
     return {name: float(weights[name]) / total for name in parts}

@@ -7,6 +7,11 @@ from collections.abc import Mapping
 from less_exp.errors import ConfigError
 
 
+def number(value) -> bool:
+    """An int or float, not a bool (YAML's true/false would pass as 1/0)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def positive_int(value) -> bool:
     """An int (not a bool) of at least 1."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -30,5 +35,5 @@ def require_positive_int_or_null(section: Mapping, prefix: str, key: str, null_m
 def require_nonnegative_number(section: Mapping, prefix: str, key: str, default: float, why: str = "") -> None:
     """``<prefix>.<key>`` (``default`` when absent) must be an int or float (not a bool) of at least 0."""
     value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if not number(value) or value < 0:
         raise ConfigError(f"{prefix}.{key}={value!r} must be a number >= 0{f' ({why})' if why else ''}")

@@ -35,7 +35,7 @@ from less_exp.errors import ConfigError
 from less_exp.models import end_token_ids
 from less_exp.tasks.repetition import repeated_ngram_share, words
 from less_exp.training.record import save_atomic
-from less_exp.validation import require_positive_ints
+from less_exp.validation import number, require_positive_ints
 
 FORMAT = 3  # of the cached windows: 2 keeps each answer's tokens as generated, end token included; 3 drops loops
 
@@ -58,15 +58,15 @@ def validate(answers: DictConfig, seq_len: int) -> None:
         raise ConfigError(f"data.answers.min_doc_tokens + max_new_tokens = {answers.min_doc_tokens + answers.max_new_tokens} "
                           f"leave no room in training.seq_len={seq_len}; lower them or raise seq_len")
     weight = answers.weight
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+    if not number(weight) or not weight > 0:
         raise ConfigError(f"data.answers.weight={weight!r} must be a number > 0 (1: answers weigh like document text)")
     share = answers.student_share
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+    if not number(share) or not 0 <= share <= 1:
         raise ConfigError(f"data.answers.student_share={share!r} must be a number in [0, 1] (0: the teacher answers every prompt)")
     if not isinstance(answers.drop_unfinished, bool):
         raise ConfigError(f"data.answers.drop_unfinished={answers.drop_unfinished!r} must be true or false")
     cap = answers.max_repetition
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 <= cap <= 1):
+    if cap is not None and (not number(cap) or not 0 <= cap <= 1):
         raise ConfigError(f"data.answers.max_repetition={cap!r} must be a share in [0, 1] or null (keep every answer)")
     if answers.stop is not None and not isinstance(answers.stop, str):
         raise ConfigError(f"data.answers.stop={answers.stop!r} must be a string or null")

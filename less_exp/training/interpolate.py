@@ -19,7 +19,7 @@ from less_exp import checkpoints
 from less_exp.errors import ConfigError
 from less_exp.factory import instantiate_component, make_states
 from less_exp.tracking import Tracker
-from less_exp.validation import require_positive_ints
+from less_exp.validation import number, require_positive_ints
 
 ENDS = ("init_from", "toward")
 
@@ -56,7 +56,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"training.{key}={path}: no {checkpoints.MANIFEST} there; point it at a checkpoint "
                               "folder written by less-train")
     alpha = t.get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    if not number(alpha) or not 0 <= alpha <= 1:
         raise ConfigError(f"training.alpha={alpha!r} must be a number in [0, 1]: the share of training.toward's states")
     require_positive_ints(t, "training", "seq_len",
                           why="the length both ends were trained at, which a budget set as a ratio depends on")

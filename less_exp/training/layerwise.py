@@ -38,7 +38,7 @@ from less_exp.policies import Budget, EvictionPolicy
 from less_exp.state import LessState
 from less_exp.tracking import Tracker
 from less_exp.training import record
-from less_exp.validation import require_positive_int_or_null, require_positive_ints
+from less_exp.validation import number, require_positive_int_or_null, require_positive_ints
 
 POSITIVE_INTS = ("num_sequences", "seq_len", "epochs", "batch_size", "lr_step_epochs", "record_batch_size")
 
@@ -64,7 +64,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"training.lr={t.lr} must be > 0, lr_gamma={t.lr_gamma} in (0, 1], weight_decay >= 0")
     for key in ("scale_lr", "gate_lr"):
         value = t.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        if value is not None and (not number(value) or value <= 0):
             raise ConfigError(f"training.{key}={value!r} must be a number > 0, or null for training.lr")
     if t.record_dtype not in DTYPES:
         raise ConfigError(f"training.record_dtype={t.record_dtype!r} is not one of {sorted(DTYPES)}")

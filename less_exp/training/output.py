@@ -28,7 +28,7 @@ from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.tracking import Tracker
 from less_exp.models import end_token_ids
 from less_exp.training import answers, decisive_stop, layerwise, loop_free, record, teacher, unlikelihood
-from less_exp.validation import positive_int, require_nonnegative_number, require_positive_int_or_null, require_positive_ints
+from less_exp.validation import number, positive_int, require_nonnegative_number, require_positive_int_or_null, require_positive_ints
 
 AFTER = ("init", "plain")
 
@@ -55,11 +55,11 @@ def validate(cfg: DictConfig) -> None:
         _needs_answers(cfg, f"training.no_repeat_ngram={ban}", "set it to null")
     end = t.get("end_target")
     if end is not None:
-        if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0 < end <= 1:
+        if not number(end) or not 0 < end <= 1:
             raise ConfigError(f"training.end_target={end!r} must be a probability in (0, 1], or null for the teacher's own stops")
         _needs_answers(cfg, f"training.end_target={end}", "set it to null")
     end_weight = t.get("end_weight", 1.0)
-    if isinstance(end_weight, bool) or not isinstance(end_weight, (int, float)) or not end_weight > 0:
+    if not number(end_weight) or not end_weight > 0:
         raise ConfigError(f"training.end_weight={end_weight!r} must be a number > 0 (1: stops weigh like other answer tokens)")
     if end_weight != 1:
         _needs_answers(cfg, f"training.end_weight={end_weight}", "set it to 1")
