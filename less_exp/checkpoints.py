@@ -39,6 +39,7 @@ from less_exp.errors import ConfigError, NonFiniteError
 MANIFEST = "manifest.json"
 FORMAT = "less-exp/states-v2"
 FINGERPRINT = "fingerprint"
+TENSORS_SHA256 = "tensors_sha256"
 IDENTITY = ("format", "model", "policy", "budget", "feature_map", "normalizer", "reweighting", "gating", "settings",
             "training", "state_token_equivalents")
 COMPONENTS = ("policy", "feature_map", "normalizer", "reweighting", "gating")
@@ -283,6 +284,16 @@ def _non_finite(tensors: dict) -> list[str]:
     return sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
 
 
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name): what a layer file must still hold."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name};{tensor.dtype};{tuple(tensors[name].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_layer(root: Path, layer: int, state_dict: dict, metrics: dict, head: dict) -> dict:
     """Write one finished layer with the job's fingerprint and refresh the manifest; returns the manifest.
 
@@ -300,7 +311,7 @@ def save_layer(root: Path, layer: int, state_dict: dict, metrics: dict, head: di
             f"{path} and its progress was dropped; lower training.lr and rerun"
         )
     metadata = {"metrics": json.dumps(metrics), "layer": str(layer),
-                FINGERPRINT: json.dumps(fingerprint(head), sort_keys=True)}
+                FINGERPRINT: json.dumps(fingerprint(head), sort_keys=True), TENSORS_SHA256: tensors_digest(tensors)}
     _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     with _locked(root):
         manifest = _write_manifest(root, head)
