@@ -29,7 +29,7 @@ def measure(checkpointing: bool, tokens: int, policy: str) -> dict:
 
     with initialize_config_dir(config_dir=paths.conf_dir(), version_base="1.3"):
         cfg = compose("train", ["model=smollm2_135m", f"policy={policy}", "feature_map=less_mlp",
-                                "feature_map.features=8", "training=e2e_cpu", "logger=none"])
+                                "feature_map.features=8", "experiment=e2e_cpu", "logger=none"])
     model, _ = load_model(cfg.model, torch.device("cpu"), cache_dir=cfg.paths.cache_dir)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -86,3 +86,65 @@ def test_submitit_launchers(launcher, target):
     node = hydra_node("eval", [f"hydra/launcher={launcher}"]).launcher
     assert node._target_.endswith(target)
     assert node.timeout_min > 0 and node.cpus_per_task >= 1 and node.mem_gb > 0
+
+
+def header(path: Path) -> str:
+    """The leading comment block of a config file as one line of text."""
+    lines = path.read_text().splitlines()
+    return " ".join(line.lstrip("# ") for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+
+
+def unresolved(node) -> dict:
+    """A config node as written (interpolations such as the run folder left unresolved)."""
+    return OmegaConf.to_container(node, resolve=False)
+
+
+def test_training_holds_only_the_modes(compose_config):
+    from less_exp.training import MODES
+
+    assert options("training") == sorted(MODES)
+    for mode in MODES:  # a mode picked alone keeps its own values: no preset's sizes creep in
+        picked = compose_config("train", [f"training={mode}"]).training
+        assert picked.mode == mode
+        if mode != "layerwise":
+            assert unresolved(picked) == unresolved(compose_config("train", ["~experiment", f"training={mode}"]).training)
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_experiment_preset_composes_to_a_mode(compose_config, preset):
+    from less_exp.training import MODES
+
+    path = paths.CONF_DIR / "experiment" / f"{preset}.yaml"
+    assert path.read_text().startswith("# @package _global_\n")
+    says = header(path).lower()
+    assert "needs a gpu" in says or ("cpu core" in says and " min" in says)  # its time on 2 CPU cores, or a GPU
+    cfg = compose_config("train", [f"experiment={preset}"])
+    assert cfg.training.mode in MODES
+    OmegaConf.to_container(cfg, resolve=True)
+    written = unresolved(OmegaConf.load(path)).get("training", {})
+    assert {key: unresolved(cfg.training)[key] for key in written} == written  # the preset's values win
+
+
+def test_train_defaults_to_the_smoke_preset(compose_config):
+    plain = compose_config("train")
+    assert unresolved(plain.training) == unresolved(compose_config("train", ["experiment=layerwise_smoke"]).training)
+    assert unresolved(plain.training) != unresolved(compose_config("train", ["~experiment"]).training)
+
+
+def test_command_line_wins_over_the_preset(compose_config):
+    preset = OmegaConf.load(paths.CONF_DIR / "experiment" / "layerwise_cpu.yaml").training
+    cfg = compose_config("train", ["experiment=layerwise_cpu", "policy=h2o", "training.epochs=3", "data=c4"])
+    assert cfg.policy.name == "h2o" and cfg.data.name == "c4" and cfg.training.epochs == 3 != preset.epochs
+    assert cfg.training.lr == preset.lr and cfg.training.num_sequences == preset.num_sequences
+    assert compose_config("train", ["experiment=answers_cpu", "data=c4"]).data.name == "c4"
+
+
+@pytest.mark.parametrize("preset", [p for p in options("experiment") if p.startswith("paper_")])
+def test_paper_presets_size_budget_and_windows_by_the_models_positions(compose_config, preset):
+    from less_exp import factory
+
+    cfg = compose_config("train", [f"experiment={preset}"])
+    assert cfg.training.seq_len == cfg.model.max_length and cfg.device == "cuda"
+    if cfg.policy.ratio_of:
+        budget = factory.instantiate_component(cfg.policy).budget(max_positions=cfg.model.max_length)
+        assert 0 < budget.capacity < cfg.training.seq_len

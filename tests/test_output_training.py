@@ -270,7 +270,7 @@ def test_plain_layers_run_the_policy_alone(compose_config):
         (["training=progressive", "training.after=later"], r"training\.after='later' must be one of"),
         (["training=e2e", "training.top_k=0"], r"training\.top_k=0 must be a positive integer"),
         (["training=e2e", "training.epochs=true"], r"training\.epochs=True must be a positive integer"),
-        (["training=layerwise_cpu", "training.layers_per_recording=true"], r"training\.layers_per_recording=True must be a positive integer or null \(every layer in one recording\)"),
+        (["experiment=layerwise_cpu", "training.layers_per_recording=true"], r"training\.layers_per_recording=True must be a positive integer or null \(every layer in one recording\)"),
         (["training=e2e", "training.save_every=0"], r"training\.save_every=0 must be a positive integer or null \(progress saved every epoch only\)"),
         (["training=progressive", "training.mse_weight=-1"], r"training\.mse_weight=-1"),
         (["training=e2e", "training.gradient_checkpointing=maybe"], r"training\.gradient_checkpointing='maybe' must be true or false"),
