@@ -2,7 +2,10 @@
 
 The report is ``report.md`` (one markdown table per task, rows grouped by model, policy, budget and
 state config) plus PNG plots (metric versus memory per method, one passkey heatmap per passkey run),
-and, with ``--logger wandb``, the same tables and images in a W&B run.
+and, with ``--logger wandb``, the same tables and images in a W&B run; with ``--page``, a results page
+for the repo's docs (:func:`write_page`). Each task module and training mode declares its columns,
+plotted and headline metrics and label (``REPORT``, a :class:`~less_exp.report_spec.ReportSpec`), so
+this module keeps no list of task or mode names.
 
 Only comparable runs are put together: the measurement settings that vary among a task's runs
 (:func:`run_settings`: data set, task settings, model dtype, seed) are columns of its table and split
@@ -16,18 +19,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import functools
 import json
 import logging
 import math
 import os
+import shutil
 import sys
+import urllib.parse
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from less_exp.errors import ConfigError
+from less_exp.report_spec import PairedRows, ReportSpec
 from less_exp.results import FILENAME, Run
 
 log = logging.getLogger(__name__)
@@ -35,47 +44,7 @@ log = logging.getLogger(__name__)
 TRAIN = "train"
 SUMMARY_KEYS = ("policy", "budget", "sink", "heavy", "recent", "state_token_equivalents")
 STATE_DEFAULTS = {"gating": "none", "reweighting": "none", "normalizer": "joint"}
-HARNESS_COLUMNS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
-ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "repeated_3gram_share", "longest_repeat", "words", "*_vs_plain*",
-                 "paired_samples", "num_samples", "num_skipped")
-
-
-class PairedRows(NamedTuple):
-    """Per-sample rows a task writes (``file``), the ``metrics`` compared with the plain policy's on the
-    same samples, and the run-level metric a plain run must report to be the reference (``reference``)."""
-
-    file: str
-    metrics: tuple[str, ...]
-    reference: str
-
-
-SUMMARY_PAIRS = PairedRows("summaries.jsonl", ("rouge1", "rougeL", "repeated_3gram_share"), "rouge1")
-PAIRED_ROWS = {"xsum": SUMMARY_PAIRS, "cnn_dailymail": SUMMARY_PAIRS,
-               "stop_probability": PairedRows("stops.jsonl", ("log_p_end",), "mean_log_p_end")}
-# Metric columns per task, as fnmatch patterns; a task not listed shows all its scalar metrics.
-TASK_COLUMNS = {
-    "perplexity": ("perplexity", "gap_closed", "nll", "word_perplexity", "num_tokens", "state_features",
-                   "state_parameters", "train_s"),
-    "wikitext_harness": ("perplexity", *HARNESS_COLUMNS, "num_tokens"),
-    "harness": ("*/*",),
-    "xsum": ROUGE_COLUMNS,
-    "cnn_dailymail": ROUGE_COLUMNS,
-    "passkey": ("accuracy", "accuracy@*", "num_prompts"),
-    "consistency": ("max_abs_logit_diff",),
-    "generate": ("tokens_per_s", "num_prompts", "new_tokens", "repeated_3gram_share", "longest_repeat", "words"),
-    "bench": ("*/speedup_vs_full", "*/memory_vs_full"),
-    "stop_probability": ("mean_p_end", "mean_log_p_end", "greedy_stop_share", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped",
-                         "longest_prompt_tokens"),
-    TRAIN: ("layers_done", "num_layers", "mean_val_mse", "mean_plain_mse", "mean_baseline_plus_mse"),
-}
-# Metrics plotted against the budget when --metric is not given.
-TASK_PLOTS = {
-    "perplexity": ("perplexity",),
-    "wikitext_harness": ("word_perplexity",),
-    "xsum": ("rouge1", "rouge2", "rougeL"),
-    "cnn_dailymail": ("rouge1", "rouge2", "rougeL"),
-    "passkey": ("accuracy",),
-}
+UNDECLARED = ReportSpec()  # a task or mode without a REPORT: every numeric metric, the mode named in labels
 LEAD_COLUMNS = ("model", "method", "budget", "state (token-eq.)", "memory (tokens)")
 BOOKKEEPING_KEYS = frozenset({"task.name", "task.module", "task.batch_size"})
 SEED = "seed"
@@ -86,25 +55,55 @@ class NoResultsError(FileNotFoundError):
     """Nothing to report: a PATH does not exist, or no readable ``results.json`` lies under them."""
 
 
+@functools.cache
+def declared(kind: str, name: str) -> ReportSpec:
+    """The ``REPORT`` of task module (``kind="task"``) or training mode (``kind="training"``) ``name``,
+    read through its registry; :data:`UNDECLARED` for a name not registered or a module without one."""
+    from less_exp import tasks, training
+
+    try:
+        module = tasks.get(name) if kind == "task" else training.get(name)
+    except ConfigError:
+        return UNDECLARED
+    except ImportError as err:
+        log.warning("%s %s cannot be imported (%s): its runs get every numeric metric as a column", kind, name, err)
+        return UNDECLARED
+    spec = getattr(module, "REPORT", None)
+    return spec if isinstance(spec, ReportSpec) else UNDECLARED
+
+
+def spec_of(config: Mapping[str, Any], job: str) -> ReportSpec:
+    """The :class:`ReportSpec` of a run: its training mode's for a train job, else its task module's
+    (``task.module``, else ``task.name``)."""
+    section = config.get("training" if job == TRAIN else "task")
+    if not isinstance(section, Mapping):
+        return UNDECLARED
+    name = section.get("mode") if job == TRAIN else section.get("module") or section.get("name")
+    return declared("training" if job == TRAIN else "task", name) if isinstance(name, str) else UNDECLARED
+
+
 @dataclass(frozen=True)
 class ReportRun(Run):
     """A :class:`Run` with what the report also reads: its ``status`` and ``error``, and ``settings``,
-    the values of its :func:`run_settings`."""
+    the values of its :func:`run_settings`, and ``spec``, how its task or training mode is reported."""
 
     settings: Mapping[str, Any] = field(default_factory=dict)
     status: str = "ok"
     error: str | None = None
     folder: Path | None = None
+    spec: ReportSpec = UNDECLARED
 
 
 @dataclass
 class Table:
-    """A task's table: raw ``values`` (for W&B) and the same rows as markdown ``cells``."""
+    """A task's table: raw ``values`` (for W&B), the same rows as markdown ``cells``, and its runs'
+    ``headline`` metrics with their direction (:meth:`ReportSpec.direction`)."""
 
     task: str
     columns: list[str]
     values: list[list[Any]]
     cells: list[list[str]]
+    headline: str = ""
 
     def markdown(self) -> str:
         lines = [_md_row(self.columns), _md_row(["---"] * len(self.columns))]
@@ -123,6 +122,9 @@ class Report:
     heatmaps: list[Path] = field(default_factory=list)
     failed: list[tuple[Run, str]] = field(default_factory=list)
     wandb_run_dir: Path | None = None
+    images: list = field(default_factory=list)  # the plots and heatmaps as report_plots.Plot (task, caption)
+    paths: list = field(default_factory=list)  # the PATHs reported
+    average_seeds: bool = False
 
 
 # ------------------------------------------------------------------------------ reading
@@ -181,6 +183,7 @@ def to_run(record: Mapping[str, Any], name: str) -> ReportRun:
         settings=run_settings(config),
         status=str(record.get("status", "ok")),
         error=None if error is None else str(error),
+        spec=spec_of(config, job),
     )
 
 
@@ -221,12 +224,14 @@ def _hashable(value: Any) -> Any:
 
 def failure(run: Run, extra: Sequence[str] = ()) -> str | None:
     """Why ``run`` is not a result: its error when its status is not ok, or ``non-finite <metric>``
-    when a headline metric (the task's plotted metrics, else its columns, and ``extra``) is a NaN or
-    infinite float; ``None`` for a good run."""
+    when a metric it is judged by (the plotted metrics of its spec that it reports, else its spec's
+    columns, and ``extra``) is a NaN or infinite float; ``None`` for a good run."""
     status = getattr(run, "status", "ok")
     if status != "ok":
         return getattr(run, "error", None) or f"status {status}"
-    patterns = (*(TASK_PLOTS.get(run.task) or TASK_COLUMNS.get(run.task) or ("*",)), *extra)
+    spec = getattr(run, "spec", UNDECLARED)
+    plotted = [m for m in spec.plots if m in run.metrics]
+    patterns = (*(plotted or spec.columns or ("*",)), *extra)
     bad = [
         key
         for key, value in run.metrics.items()
@@ -300,12 +305,13 @@ def method_label(config: Mapping[str, Any], policy: str, loads_checkpoint: bool 
         others = [f"{o}(learned)" if o.startswith("gating=") else o for o in others]
     trained_by = (manifest if checkpoint else config).get("training")
     mode = trained_by.get("mode") if isinstance(trained_by, Mapping) else None
-    if mode not in (None, "layerwise"):
-        alpha = trained_by.get("alpha") if mode == "interpolate" else None
-        others.append(f"training={mode}" + (f"({alpha:g})" if isinstance(alpha, (int, float)) else ""))
+    spec = declared("training", mode) if isinstance(mode, str) else None
+    if spec is not None and spec.labelled:
+        value = trained_by.get(spec.label_key) if spec.label_key else None
+        others.append(f"training={mode}" + (f"({value:g})" if _is_number(value) else ""))
     if checkpoint:
         trained_on = trained_by.get("data") if isinstance(trained_by, Mapping) else None
-    elif mode == "interpolate":  # trains on nothing; its data is what the job evaluates on
+    elif spec is not None and not spec.own_data:  # its data is what the job evaluates on
         trained_on = None
     else:  # a training job: its own data
         trained_on = (config.get("data") or {}).get("name") if isinstance(trained_by, Mapping) else None
@@ -356,17 +362,24 @@ def _is_scalar(value: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------ tables
-def task_columns(task: str, runs: Sequence[Run], extra: Sequence[str] = ()) -> list[str]:
-    """The metric columns of ``task``'s table: its listed patterns (or every scalar) plus ``extra``."""
+def table_columns(runs: Sequence[Run], extra: Sequence[str] = ()) -> list[str]:
+    """The metric columns of a table of ``runs``: the column patterns of their specs in turn (a spec
+    that declares none: every numeric metric of its runs), plus ``extra``."""
     present: list[str] = []
     for run in runs:
         present += [k for k in run.metrics if k not in present and k not in SUMMARY_KEYS]
-    patterns = TASK_COLUMNS.get(task)
-    if patterns is None:
-        chosen = [k for k in present if any(_is_number(r.metrics.get(k)) for r in runs)]
-    else:
-        chosen = [k for p in patterns for k in present if fnmatchcase(k, p)]
+    chosen: list[str] = []
+    for spec in dict.fromkeys(_spec(run) for run in runs):
+        if spec.columns is None:
+            mine = [run for run in runs if _spec(run) == spec]
+            chosen += [k for k in present if any(_is_number(r.metrics.get(k)) for r in mine)]
+        else:
+            chosen += [k for p in spec.columns for k in present if fnmatchcase(k, p)]
     return list(dict.fromkeys(chosen + [k for k in extra if k in present]))
+
+
+def _spec(run: Run) -> ReportSpec:
+    return getattr(run, "spec", UNDECLARED)
 
 
 def build_tables(runs: Sequence[Run], extra: Sequence[str] = ()) -> list[Table]:
@@ -378,8 +391,9 @@ def build_tables(runs: Sequence[Run], extra: Sequence[str] = ()) -> list[Table]:
         rows = [r for r in runs if r.task == task]
         keys = varying_keys(rows)
         rows.sort(key=lambda r: (r.model, [_setting_order(_setting(r, k)) for k in keys], r.sort_key()))
-        metrics = task_columns(task, rows, extra)
-        table = Table(task, [*LEAD_COLUMNS, *keys, *metrics, "run"], [], [])
+        metrics = table_columns(rows, extra)
+        headline = "; ".join(dict.fromkeys(spec.direction() for spec in map(_spec, rows) if spec.headline))
+        table = Table(task, [*LEAD_COLUMNS, *keys, *metrics, "run"], [], [], headline)
         for run in rows:
             settings = [_setting(run, k) for k in keys]
             lead = [run.model, run.method, run.budget, round(run.state_tokens, 4), run.memory]
@@ -444,16 +458,18 @@ def make_report(
     split = {}
     for task in {r.task for r in runs}:
         split[task] = [k for k in varying_keys([r for r in runs if r.task == task]) if not (average_seeds and k == SEED)]
+    plotted = {task: tuple(dict.fromkeys(m for r in runs if r.task == task for m in _spec(r).plots)) for task in split}
     plots = report_plots.metric_plots(
         runs,
         out,
-        lambda task: tuple(metrics) or TASK_PLOTS.get(task, ()),
+        lambda task: tuple(metrics) or plotted[task],
         lambda run: tuple((k, setting_text(_setting(run, k))) for k in split[run.task]),
     )
     heatmaps = report_plots.passkey_heatmaps(runs, out)
     markdown = _markdown(paths, runs, tables, plots + heatmaps, out, failed, average_seeds)
     (out / "report.md").write_text(markdown, encoding="utf-8")
-    report = Report(out, markdown, runs, tables, [p.path for p in plots], [p.path for p in heatmaps], failed)
+    report = Report(out, markdown, runs, tables, [p.path for p in plots], [p.path for p in heatmaps], failed,
+                    images=plots + heatmaps, paths=list(paths), average_seeds=average_seeds)
     if logger != "none":
         report.wandb_run_dir = _log_to_wandb(report, plots + heatmaps, paths, logger, project)
     return report
@@ -481,15 +497,17 @@ def plain_references(runs: Sequence[ReportRun], metric: str):
     return reference
 
 
-def with_gap_closed(runs: Sequence[ReportRun], metric: str = "perplexity") -> list[ReportRun]:
-    """Runs with ``gap_closed = (plain - x) / (plain - full)`` of ``metric`` added where the report
-    holds the comparable plain run (:func:`plain_references`) and full-cache run (same model and
-    settings). Plain and full runs get none (0 and 1 by definition)."""
-    full = {_comparison_key(r): r.metrics[metric] for r in runs if r.policy == "full" and _is_number(r.metrics.get(metric))}
-    reference = plain_references(runs, metric)
+def with_gap_closed(runs: Sequence[ReportRun]) -> list[ReportRun]:
+    """Runs with ``gap_closed = (plain - x) / (plain - full)`` of their spec's ``gap`` metric added where
+    the report holds the comparable plain run (:func:`plain_references`) and full-cache run (same model,
+    task and settings). Plain and full runs get none (0 and 1 by definition)."""
+    full = {_comparison_key(r): r.metrics[_spec(r).gap] for r in runs if r.policy == "full" and _is_number(r.metrics.get(_spec(r).gap))}
+    references = {metric: plain_references(runs, metric) for metric in {_spec(r).gap for r in runs} - {None}}
     out = []
     for run in runs:
-        value, ref, plain = run.metrics.get(metric), full.get(_comparison_key(run)), reference(run)
+        metric = _spec(run).gap
+        value, ref = run.metrics.get(metric), full.get(_comparison_key(run))
+        plain = references[metric](run) if metric else None
         if _is_number(value) and ref is not None and plain is not None:
             base = plain.metrics[metric]
             if base != ref:
@@ -498,9 +516,9 @@ def with_gap_closed(runs: Sequence[ReportRun], metric: str = "perplexity") -> li
     return out
 
 
-def _sample_rows(run: ReportRun) -> dict[int, dict]:
-    """The per-sample rows a run wrote beside its results.json (:data:`PAIRED_ROWS`), by sample index."""
-    path = None if run.folder is None or run.task not in PAIRED_ROWS else run.folder / PAIRED_ROWS[run.task].file
+def _sample_rows(run: ReportRun, paired: PairedRows) -> dict[int, dict]:
+    """The per-sample rows a run wrote beside its results.json (``paired.file``), by sample index."""
+    path = None if run.folder is None else run.folder / paired.file
     rows = {}
     if path is None or not path.is_file():
         return rows
@@ -523,21 +541,22 @@ def paired_difference(values: Sequence[float]) -> tuple[float, float]:
 
 
 def with_paired_differences(runs: Sequence[ReportRun]) -> list[ReportRun]:
-    """Runs of the tasks in :data:`PAIRED_ROWS` with ``<metric>_vs_plain`` and ``<metric>_vs_plain_se``:
+    """Runs whose spec declares ``paired`` rows, with ``<metric>_vs_plain`` and ``<metric>_vs_plain_se``:
     the mean and standard error of the per-sample differences from the plain run of
     :func:`plain_references`, over the samples both scored (``paired_samples``). Sampling noise that
     hides a difference between two run means mostly cancels in paired differences (greedy decoding
     removes it)."""
-    references = {task: plain_references(runs, spec.reference) for task, spec in PAIRED_ROWS.items()}
+    references = {spec.paired: plain_references(runs, spec.paired.reference) for spec in map(_spec, runs) if spec.paired}
     out = []
     for run in runs:
-        plain = references[run.task](run) if run.task in PAIRED_ROWS else None
-        mine = _sample_rows(run) if plain is not None else {}
-        theirs = _sample_rows(plain) if mine else {}
+        paired = _spec(run).paired
+        plain = references[paired](run) if paired else None
+        mine = _sample_rows(run, paired) if plain is not None else {}
+        theirs = _sample_rows(plain, paired) if mine else {}
         common = sorted(set(mine) & set(theirs))
         if common:
             extra: dict[str, Any] = {"paired_samples": len(common)}
-            for metric in PAIRED_ROWS[run.task].metrics:
+            for metric in paired.metrics:
                 pairs = [(mine[i].get(metric), theirs[i].get(metric)) for i in common]
                 diffs = [a - b for a, b in pairs if _is_number(a) and _is_number(b)]
                 if diffs:
@@ -554,22 +573,30 @@ def failed_table(failed: Sequence[tuple[Run, str]]) -> Table:
 
 
 def _markdown(paths, runs: Sequence[Run], tables: Sequence[Table], images, out: Path, failed=(), average_seeds=False) -> str:
+    lines = ["# less-report", "", _intro(paths, runs, failed, average_seeds)]
+    return "\n".join(lines + _sections(tables, images, lambda path: path.relative_to(out).as_posix(), failed)) + "\n"
+
+
+def _intro(paths, runs: Sequence[Run], failed, average_seeds: bool) -> str:
     apart = f", plus {len(failed)} failed (listed under Failed runs, left out of tables and plots)" if failed else ""
     seeds = "averaged" if average_seeds else "kept apart"
-    lines = [
-        "# less-report",
-        "",
+    return (
         f"{len(runs)} runs from {', '.join(f'`{p}`' for p in paths)}{apart}. Budget and memory are in tokens; memory is "
         "the budget plus the state's size in token-equivalents, rounded. Settings that vary among a task's runs "
         "(data set, task settings, model dtype, seed) are columns of its table and split its plot lines. "
-        f"Repeated runs are separate rows; plots show the mean of runs whose settings all agree (seeds {seeds}).",
-    ]
+        f"Repeated runs are separate rows; plots show the mean of runs whose settings all agree (seeds {seeds})."
+    )
+
+
+def _sections(tables: Sequence[Table], images, link, failed=()) -> list[str]:
+    """A section per table (its headline, the table, its images linked by ``link(path)``), then the failed runs."""
+    lines = []
     for table in tables:
-        lines += ["", f"## {table.task}", "", table.markdown()]
-        lines += [f"\n![{img.caption}]({img.path.relative_to(out).as_posix()})" for img in images if img.task == table.task]
+        lines += ["", f"## {table.task}", ""] + ([f"Headline: {table.headline}.", ""] if table.headline else []) + [table.markdown()]
+        lines += [f"\n![{img.caption}]({link(img.path)})" for img in images if img.task == table.task]
     if failed:
         lines += ["", "## Failed runs", "", failed_table(failed).markdown()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _log_to_wandb(report: Report, images, paths, logger: str, project: str | None) -> Path | None:
@@ -596,9 +623,74 @@ def _log_to_wandb(report: Report, images, paths, logger: str, project: str | Non
     return tracker.run_dir
 
 
+# ------------------------------------------------------------------------------ the results page
+def write_page(
+    paths: Sequence[str | Path], page: str | Path, *, title: str | None = None, command: str | None = None,
+    out: str | Path | None = None, **options: Any,
+) -> Path:
+    """Report the runs under ``paths`` (:func:`make_report` into ``out`` with ``options``) and publish
+    it as the results page ``page`` (:func:`publish`); returns the page's path."""
+    page = page_path(page)
+    return publish(make_report(paths, out, **options), page, title=title, command=command)
+
+
+def page_path(page: str | Path) -> Path:
+    """``page`` as a path; :class:`ConfigError` unless it names a ``.md`` file (its plots go to a folder
+    of the same name, which must not be the page)."""
+    if Path(page).suffix != ".md":
+        raise ConfigError(f"the page {page} must be a markdown file ending in .md (e.g. docs/results/<study>.md)")
+    return Path(page)
+
+
+def publish(report: Report, page: str | Path, *, title: str | None = None, command: str | None = None) -> Path:
+    """Write ``report`` as a markdown page at ``page``: the title (default: the page's name), the command
+    that produced the runs, the code version and commit (:mod:`less_exp.version`) and the date, then the
+    report's tables, with its PNGs copied into ``<page folder>/<page name>/`` and linked relatively (so
+    they render on GitHub). Rerunning overwrites the page and leaves no PNG of an earlier run there."""
+    from less_exp.version import code_version, git_commit
+
+    page = page_path(page)
+    images_dir = page.with_suffix("")
+    images_dir.mkdir(parents=True, exist_ok=True)
+    copies = {image.path: images_dir / image.path.name for image in report.images}
+    for stale in set(images_dir.glob("*.png")) - set(copies.values()):
+        stale.unlink()
+    for source, copy in copies.items():
+        if not copy.exists() or not copy.samefile(source):
+            shutil.copy2(source, copy)
+
+    def link(path: Path) -> str:
+        return urllib.parse.quote(Path(os.path.relpath(copies[path], page.parent)).as_posix())
+
+    commit = git_commit()
+    lines = [
+        f"# {title or page.stem}",
+        "",
+        "Generated from the runs' results.json by `less-report --page`: regenerate it, do not edit it. The runs came from:",
+        "",
+        "```sh",
+        command or "(not recorded)",
+        "```",
+        "",
+        f"- Code version: `{code_version()}`" + (f", commit `{commit}`" if commit else " (not a git checkout)"),
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc).date().isoformat()}",
+        "",
+        _intro([_shown(p) for p in report.paths], report.runs, report.failed, report.average_seeds),
+    ]
+    page.write_text("\n".join(lines + _sections(report.tables, report.images, link, report.failed)) + "\n", encoding="utf-8")
+    return page
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the working folder when it lies below it (a page names no home folders)."""
+    relative = os.path.relpath(Path(path).resolve(), Path.cwd())
+    return str(path) if relative.startswith("..") else relative
+
+
 # ------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``less-report PATH... [--out DIR] [--metric NAME] [--average-seeds] [--logger wandb|none] [--project P]``."""
+    """Command line: ``less-report PATH... [--out DIR] [--metric NAME] [--average-seeds] [--logger wandb|none] [--project P]
+    [--page PATH.md [--title T] [--command CMD]]``."""
     parser = argparse.ArgumentParser(
         prog="less-report", description="Gather every results.json under run or sweep folders into a markdown table and PNG plots."
     )
@@ -610,11 +702,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--logger", choices=("none", "wandb"), default="none", help="also log to W&B (offline unless WANDB_MODE=online)")
     parser.add_argument("--project", help="W&B project (default: the logger config's)")
+    parser.add_argument("--page", help="also write a results page (markdown) here, its plots in a folder of its name beside it")
+    parser.add_argument("--title", help="the page's title (default: its file name)")
+    parser.add_argument("--command", help="the command that produced the runs, shown at the top of the page")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="less-report: %(message)s", stream=sys.stderr)
     try:
+        page = page_path(args.page) if args.page else None
         report = make_report(args.paths, args.out, args.metric, args.logger, args.project, args.average_seeds)
-    except NoResultsError as err:
+        page = publish(report, page, title=args.title, command=args.command) if page else None
+    except (NoResultsError, ConfigError) as err:
         print(f"less-report: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
@@ -627,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.markdown)
     print(
         f"report: {report.out_dir / 'report.md'} (plots: {len(report.plots)}, passkey heatmaps: {len(report.heatmaps)}, "
-        f"failed runs: {len(report.failed)})"
+        f"failed runs: {len(report.failed)})" + (f"; page: {page}" if page else "")
     )
     return 0
 

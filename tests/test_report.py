@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import unquote
 
 import pytest
 from matplotlib.image import imread
+from omegaconf import OmegaConf
 
-from less_exp import report, results
+from less_exp import paths, report, results
 from less_exp.results import write_results
 from wandb_records import read_run
 
@@ -28,9 +32,15 @@ def _config(task, policy="full", feature_map="none", checkpoint=None, baseline_p
         "gating": {"name": "none"},
         "reweighting": {"name": "none"},
         "normalizer": {"name": "joint"},
-        "task": {"name": task} if task else None,
+        "task": {"name": task, "module": _task_module(task)} if task else None,
         "checkpoint": checkpoint,
     }
+
+
+def _task_module(task: str) -> str:
+    """The task module conf/task/<task>.yaml names (``module``, else its name), as a composed config has it."""
+    yaml = Path(paths.conf_dir()) / "task" / f"{task}.yaml"
+    return OmegaConf.load(yaml).get("module") or task if yaml.is_file() else task
 
 
 def _summary(policy, budget=None, state=0.0):
@@ -58,7 +68,12 @@ RUNS = [
         {"accuracy": 0.7, "passkey_grid": GRID, **_summary("h2o", 36)},
         _config("passkey", "h2o", "less_mlp", baseline_plus=True),
     ),
-    ("9_train", "train", {"mean_val_mse": 0.2, "layers_done": 2, "num_layers": 2, "state_token_equivalents": 4.25}, _config(None, "sink", "less_mlp", "ckpt/sink")),
+    (
+        "9_train",
+        "train",
+        {"mean_val_mse": 0.2, "layers_done": 2, "num_layers": 2, "state_token_equivalents": 4.25},
+        {**_config(None, "sink", "less_mlp", "ckpt/sink"), "training": {"mode": "layerwise"}},  # its columns are the mode's
+    ),
 ]
 
 
@@ -407,3 +422,93 @@ def test_stop_probabilities_are_paired_with_the_plain_policy(tmp_path, monkeypat
     assert "rouge1_vs_plain" not in less
     table = _table((tmp_path / "report" / "report.md").read_text(), "stop_probability")
     assert "log_p_end_vs_plain" in table[0] and "mean_log_p_end" in table[0]
+
+
+def test_results_page_has_command_version_tables_and_plots(sweep, tmp_path, monkeypatch, capsys):
+    """The page names its command and code version, holds the report's tables and failed runs, and links
+    copies of the plots that exist beside it; a rerun leaves no stale plot."""
+    from less_exp import version
+
+    monkeypatch.setattr(version, "code_version", lambda: "9.9.9+0123456789ab")
+    monkeypatch.setattr(version, "git_commit", lambda: "abc1234-dirty")
+    write_results(sweep / "12_oom", "eval", {}, _config("perplexity", "h2o"), 1.0, status="failed", error="out of memory")
+    page = tmp_path / "docs" / "results" / "toy_study.md"
+    (page.parent / "toy_study").mkdir(parents=True)
+    (page.parent / "toy_study" / "old_plot.png").write_bytes(b"stale")
+    command = "less-study study=toy_study seed=3"
+
+    assert report.write_page([sweep], page, title="Toy study", command=command, out=tmp_path / "rep") == page
+    text = page.read_text()
+    assert text.startswith("# Toy study\n") and f"```sh\n{command}\n```" in text
+    assert "Code version: `9.9.9+0123456789ab`, commit `abc1234-dirty`" in text
+    rep_md = (tmp_path / "rep" / "report.md").read_text()
+    assert _table(text, "perplexity") == _table(rep_md, "perplexity") and _table(text, "passkey") == _table(rep_md, "passkey")
+    assert "Headline: perplexity (lower is better)." in text and "Headline: accuracy (higher is better)." in text
+    assert [row[0] for row in _table(text, "Failed runs")[1:]] == ["2026-01-01_00-00-00/12_oom"]
+    links = [unquote(link) for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
+    assert sorted(links) == sorted(f"toy_study/{p.name}" for p in (tmp_path / "rep").glob("*.png")) and len(links) == 5
+    assert all((page.parent / link).is_file() for link in links)
+    assert sorted(p.name for p in (page.parent / "toy_study").iterdir()) == sorted(Path(link).name for link in links)
+
+    (sweep / "6_task=passkey").rename(tmp_path / "gone")  # the rerun has one heatmap fewer
+    assert report.main([str(sweep), "--out", str(tmp_path / "rep"), "--page", str(page), "--command", "again"]) == 0
+    text = page.read_text()
+    assert text.startswith("# toy_study\n") and "```sh\nagain\n```" in text
+    links = [unquote(link) for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
+    assert len(links) == 4 and sorted(p.name for p in (page.parent / "toy_study").iterdir()) == sorted(Path(link).name for link in links)
+
+    capsys.readouterr()
+    assert report.main([str(sweep), "--page", str(tmp_path / "page.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("less-report: error: the page") and "must be a markdown file ending in .md" in err and err.count("\n") == 1
+
+
+def test_every_task_and_training_mode_declares_its_report():
+    """Each registered task module and training mode has a ReportSpec whose headline and plotted
+    metrics are among its columns."""
+    from fnmatch import fnmatchcase
+
+    from less_exp import tasks, training
+    from less_exp.report_spec import ReportSpec
+
+    modules = [tasks.get(name) for name in tasks.available() if hasattr(tasks.get(name), "run")]
+    modules += [training.get(mode) for mode in training.MODES]
+    assert len(modules) >= 12
+    for module in modules:
+        spec = module.REPORT
+        assert isinstance(spec, ReportSpec), module.__name__
+        for metric in {spec.headline, *spec.plots, spec.gap} - {None}:
+            assert any(fnmatchcase(metric, p) for p in spec.columns), (module.__name__, metric)
+
+
+def test_report_keeps_no_task_or_mode_names(tmp_path, monkeypatch):
+    """report.py holds no task or mode name, and a task's columns, plots and headline are what its REPORT says."""
+    import ast
+
+    from less_exp import tasks, training
+    from less_exp.report_spec import ReportSpec
+
+    names = set(tasks.available()) | set(training.MODES) | {p.stem for p in (Path(paths.conf_dir()) / "task").glob("*.yaml")}
+    source = ast.parse(Path(report.__file__).read_text())
+    literals = {node.value for node in ast.walk(source) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not literals & names
+
+    monkeypatch.setattr(results, "versions", dict)
+    declared = {"toy": ReportSpec(columns=("b*",), headline="b2", lower_is_better=False, plots=("b2",))}
+    original = tasks.get
+    monkeypatch.setattr(tasks, "get", lambda name: SimpleNamespace(REPORT=declared[name]) if name in declared else original(name))
+    report.declared.cache_clear()
+    try:
+        for policy, budget, shift in (("full", None, 0.0), ("h2o", 32, 1.0), ("h2o", 64, 2.0)):
+            metrics = {"a": 1.0, "b1": 2.0 + shift, "b2": 3.0 + shift, **_summary(policy, budget)}
+            write_results(tmp_path / "runs" / f"{policy}_{budget}", "eval", metrics, _config("toy", policy), 1.0)
+        rep = report.make_report([tmp_path / "runs"])
+        assert rep.tables[0].columns == [*PPL_COLUMNS[:5], "b1", "b2", "run"]
+        assert [p.name for p in rep.plots] == ["tiny_llama_toy_b2.png"] and rep.tables[0].headline == "b2 (higher is better)"
+
+        declared["toy"] = ReportSpec(columns=("a",))
+        report.declared.cache_clear()
+        rep = report.make_report([tmp_path / "runs"])
+        assert rep.tables[0].columns == [*PPL_COLUMNS[:5], "a", "run"] and rep.plots == [] and rep.tables[0].headline == ""
+    finally:
+        report.declared.cache_clear()

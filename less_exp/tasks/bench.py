@@ -22,8 +22,10 @@ from less_exp.factory import instantiate_component, make_states
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.policies import Full
+from less_exp.report_spec import ReportSpec
 from less_exp.tracking import Tracker
 
+REPORT = ReportSpec(columns=("*/speedup_vs_full", "*/memory_vs_full"))  # per context length: no single headline
 METHODS = ("full", "policy", "less")
 
 

@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 from less_exp import data
 from less_exp.adapter import LessCache, cache_kwargs, compression_of, switch
 from less_exp.errors import ConfigError
+from less_exp.report_spec import ReportSpec
 from less_exp.tasks import require_positive
 
+REPORT = ReportSpec(columns=("max_abs_logit_diff",), headline="max_abs_logit_diff")
 
 def position_ids(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Positions that skip left padding, as ``generate`` computes them; LESS's psi sees absolute RoPE positions."""

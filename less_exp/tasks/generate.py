@@ -17,11 +17,16 @@ from tqdm.auto import tqdm
 from less_exp import data
 from less_exp.adapter import LessCache, cache_kwargs, compression_of
 from less_exp.errors import ConfigError
+from less_exp.report_spec import ReportSpec
 from less_exp.runtime import output_dir
 from less_exp.tasks import require_positive
 from less_exp.tasks.repetition import METRICS as REPETITION, repetition
 from less_exp.tracking import Tracker
 
+REPORT = ReportSpec(
+    columns=("tokens_per_s", "num_prompts", "new_tokens", "repeated_3gram_share", "longest_repeat", "words"),
+    headline="repeated_3gram_share",
+)
 
 def validate(cfg: DictConfig) -> None:
     task = cfg.task

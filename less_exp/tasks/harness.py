@@ -20,11 +20,16 @@ from omegaconf import DictConfig
 from less_exp import data, hub
 from less_exp.adapter import CACHE_ARG, LessCache, compression_of
 from less_exp.errors import ConfigError, UnavailableError
+from less_exp.report_spec import ReportSpec
 from less_exp.runtime import output_dir
 from less_exp.tasks import perplexity, require_positive, require_seq_len
 from less_exp.tracking import Tracker
 from less_exp.validation import require_positive_int_or_null
 
+REPORT = ReportSpec(  # lm-eval's own tasks as <task>/<metric>; the project's WikiText task as rolling numbers
+    columns=("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "num_tokens", "*/*"),
+    headline="word_perplexity", plots=("word_perplexity",),
+)
 LOCAL_TASK = "less_wikitext"
 ROLLING_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 

@@ -19,6 +19,7 @@ from less_exp import passkey
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.report_plots import accuracy_heatmap
+from less_exp.report_spec import ReportSpec
 from less_exp.runtime import output_dir
 from less_exp.tasks import require_positive
 from less_exp.adapter import cache_kwargs
@@ -26,6 +27,7 @@ from less_exp.tasks.generate import new_cache
 from less_exp.tracking import Tracker
 from less_exp.validation import positive_int
 
+REPORT = ReportSpec(columns=("accuracy", "accuracy@*", "num_prompts"), headline="accuracy", lower_is_better=False, plots=("accuracy",))
 ROWS_FILE = "passkey.jsonl"
 HEATMAP_FILE = "passkey_heatmap.png"
 

@@ -21,10 +21,15 @@ from tqdm.auto import tqdm
 
 from less_exp import data
 from less_exp.errors import ConfigError
+from less_exp.report_spec import ReportSpec
 from less_exp.tasks import require_positive, require_seq_len
 from less_exp.tracking import Tracker
 from less_exp.validation import require_positive_int_or_null
 
+REPORT = ReportSpec(
+    columns=("perplexity", "gap_closed", "nll", "word_perplexity", "num_tokens", "state_features", "state_parameters", "train_s"),
+    headline="perplexity", plots=("perplexity",), gap="perplexity",
+)
 WINDOWS = ("disjoint", "rolling")
 
 

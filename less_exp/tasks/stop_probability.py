@@ -32,6 +32,7 @@ from less_exp import data
 from less_exp.adapter import compression_of
 from less_exp.errors import ConfigError
 from less_exp.models import end_token_ids, max_positions
+from less_exp.report_spec import PairedRows, ReportSpec
 from less_exp.runtime import output_dir
 from less_exp.tasks.consistency import decode_logits
 from less_exp.tasks.repetition import repetition
@@ -40,6 +41,12 @@ from less_exp.tracking import Tracker
 from less_exp.validation import require_positive_int_or_null
 
 ROWS = "stops.jsonl"
+REPORT = ReportSpec(
+    columns=("mean_p_end", "mean_log_p_end", "greedy_stop_share", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped",
+             "longest_prompt_tokens"),
+    headline="mean_log_p_end", lower_is_better=False,
+    paired=PairedRows(ROWS, ("log_p_end",), "mean_log_p_end"),
+)
 FORMAT = 2  # of the rows: 2 adds greedy_stop
 SENTENCE_ENDS = (".", "!", "?")
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from less_exp import data
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
+from less_exp.report_spec import PairedRows, ReportSpec
 from less_exp.runtime import output_dir
 from less_exp.tasks import require_positive
 from less_exp.adapter import cache_kwargs
@@ -38,6 +39,11 @@ from less_exp.validation import require_positive_int_or_null
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 ROWS = "summaries.jsonl"
+REPORT = ReportSpec(
+    columns=(*ROUGE, "repeated_3gram_share", "longest_repeat", "words", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped"),
+    headline="rouge1", lower_is_better=False, plots=ROUGE,
+    paired=PairedRows(ROWS, ("rouge1", "rougeL", "repeated_3gram_share"), "rouge1"),
+)
 
 
 def dataset(cfg: DictConfig) -> DictConfig:

@@ -23,6 +23,7 @@ from less_exp.errors import ConfigError
 from less_exp.tracking import Tracker
 from less_exp.training import output
 
+REPORT = output.REPORT
 PROGRESS = "e2e"
 summary_line = output.summary_line
 

@@ -18,9 +18,11 @@ from omegaconf import DictConfig
 from less_exp import checkpoints
 from less_exp.errors import ConfigError
 from less_exp.factory import instantiate_component, make_states
+from less_exp.report_spec import ReportSpec
 from less_exp.tracking import Tracker
 from less_exp.validation import number, require_positive_ints
 
+REPORT = ReportSpec(columns=("layers_done", "num_layers", "alpha"), label_key="alpha", own_data=False)  # trains on nothing
 ENDS = ("init_from", "toward")
 
 

@@ -35,11 +35,16 @@ from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.models import DTYPES
 from less_exp.ops import attention_logits, gather_stream, sparse_attention, stream_positions
 from less_exp.policies import Budget, EvictionPolicy
+from less_exp.report_spec import ReportSpec
 from less_exp.state import LessState
 from less_exp.tracking import Tracker
 from less_exp.training import record
 from less_exp.validation import number, require_positive_int_or_null, require_positive_ints
 
+REPORT = ReportSpec(  # the default mode: method labels do not name it
+    columns=("layers_done", "num_layers", "mean_val_mse", "mean_plain_mse", "mean_baseline_plus_mse"),
+    headline="mean_val_mse", labelled=False,
+)
 POSITIVE_INTS = ("num_sequences", "seq_len", "epochs", "batch_size", "lr_step_epochs", "record_batch_size")
 
 

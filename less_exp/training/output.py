@@ -25,11 +25,17 @@ from less_exp import checkpoints, data
 from less_exp.adapter import Compression, build, switch
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.factory import chunk_size, instantiate_component, make_states
+from less_exp.report_spec import ReportSpec
 from less_exp.tracking import Tracker
 from less_exp.models import end_token_ids
 from less_exp.training import answers, decisive_stop, layerwise, loop_free, record, teacher, unlikelihood
 from less_exp.validation import number, positive_int, require_nonnegative_number, require_positive_int_or_null, require_positive_ints
 
+REPORT = ReportSpec(  # the output-trained modes' (progressive, e2e) train table
+    columns=("layers_done", "num_layers", "val_kl", "initial_val_kl", "plain_val_kl", "val_ppl", "plain_val_ppl", "val_answer_kl",
+             "plain_val_answer_kl", "val_unlikelihood", "plain_val_unlikelihood", "train_s"),
+    headline="val_kl",
+)
 AFTER = ("init", "plain")
 
 

@@ -33,6 +33,7 @@ from less_exp.tracking import Tracker
 from less_exp.training import output, record
 from less_exp.validation import require_positive_ints
 
+REPORT = output.REPORT
 summary_line = output.summary_line
 
 
