@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from less_exp import checkpoints, factory, paths, runtime, tasks
+from less_exp import checkpoints, factory, paths, runtime, search, tasks
 from less_exp.errors import NonFiniteError
 from less_exp.guards import FiniteGuard
 from less_exp.models import load_model
@@ -56,9 +56,9 @@ def _fmt(value) -> str:
 
 
 @hydra.main(config_path=paths.conf_dir(), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Command line: ``less-eval [overrides]``, ``-m`` to sweep."""
-    runtime.run_cli("less-eval", evaluate, cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Command line: ``less-eval [overrides]``, ``-m`` to sweep; returns ``optimized_metric`` for a search."""
+    return search.objective(cfg, runtime.run_cli("less-eval", evaluate, cfg))
 
 
 def cli() -> None:

@@ -432,6 +432,7 @@ def make_report(
     logger: str = "none",
     project: str | None = None,
     average_seeds: bool = False,
+    group: str | None = None,
 ) -> Report:
     """Read every run under ``paths``; write ``report.md`` and the PNGs into ``out_dir``.
 
@@ -471,7 +472,7 @@ def make_report(
     report = Report(out, markdown, runs, tables, [p.path for p in plots], [p.path for p in heatmaps], failed,
                     images=plots + heatmaps, paths=list(paths), average_seeds=average_seeds)
     if logger != "none":
-        report.wandb_run_dir = _log_to_wandb(report, plots + heatmaps, paths, logger, project)
+        report.wandb_run_dir = _log_to_wandb(report, plots + heatmaps, paths, logger, project, group)
     return report
 
 
@@ -599,19 +600,25 @@ def _sections(tables: Sequence[Table], images, link, failed=()) -> list[str]:
     return lines
 
 
-def _log_to_wandb(report: Report, images, paths, logger: str, project: str | None) -> Path | None:
+def _log_to_wandb(report: Report, images, paths, logger: str, project: str | None, group: str | None = None) -> Path | None:
     """Log every table (``table/<task>``), image (``plot/<file stem>``) and the failed runs
-    (``table/failed_runs``, when any) into one W&B run."""
+    (``table/failed_runs``, when any) into one W&B run of job type ``report``, in ``group``, else in the
+    group that every reported run logged to (when they share one), so the report sits beside its runs."""
     from omegaconf import OmegaConf
 
     from less_exp import paths as less_paths
-    from less_exp.tracking import make_tracker
+    from less_exp.tracking import make_tracker, recorded_group
+
+    if group is None:
+        runs = [*report.runs, *(run for run, _ in report.failed)]
+        groups = {recorded_group(run.folder) if run.folder is not None else None for run in runs}
+        group = groups.pop() if len(groups) == 1 else None
 
     logger_cfg = OmegaConf.load(Path(less_paths.conf_dir()) / "logger" / f"{logger}.yaml")
     if project:
         logger_cfg.project = project
     config = {"paths": [str(p) for p in paths], "runs": len(report.runs), "failed_runs": len(report.failed), "out_dir": str(report.out_dir)}
-    with make_tracker(logger_cfg, config, report.out_dir, "report", "report") as tracker:
+    with make_tracker(logger_cfg, config, report.out_dir, "report", "report", group=group) as tracker:
         for table in report.tables:
             tracker.log_table(f"table/{table.task}", table.columns, table.values)
         if report.failed:
@@ -689,7 +696,7 @@ def _shown(path: str | Path) -> str:
 
 # ------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``less-report PATH... [--out DIR] [--metric NAME] [--average-seeds] [--logger wandb|none] [--project P]
+    """Command line: ``less-report PATH... [--out DIR] [--metric NAME] [--average-seeds] [--logger wandb|none] [--project P] [--group G]
     [--page PATH.md [--title T] [--command CMD]]``."""
     parser = argparse.ArgumentParser(
         prog="less-report", description="Gather every results.json under run or sweep folders into a markdown table and PNG plots."
@@ -702,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--logger", choices=("none", "wandb"), default="none", help="also log to W&B (offline unless WANDB_MODE=online)")
     parser.add_argument("--project", help="W&B project (default: the logger config's)")
+    parser.add_argument("--group", help="W&B group of the report's run (default: the group its runs share, if any)")
     parser.add_argument("--page", help="also write a results page (markdown) here, its plots in a folder of its name beside it")
     parser.add_argument("--title", help="the page's title (default: its file name)")
     parser.add_argument("--command", help="the command that produced the runs, shown at the top of the page")
@@ -709,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="less-report: %(message)s", stream=sys.stderr)
     try:
         page = page_path(args.page) if args.page else None
-        report = make_report(args.paths, args.out, args.metric, args.logger, args.project, args.average_seeds)
+        report = make_report(args.paths, args.out, args.metric, args.logger, args.project, args.average_seeds, args.group)
         page = publish(report, page, title=args.title, command=args.command) if page else None
     except (NoResultsError, ConfigError) as err:
         print(f"less-report: error: {err}", file=sys.stderr)

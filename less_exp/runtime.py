@@ -17,7 +17,7 @@ from less_exp import models
 from less_exp.errors import ConfigError, LessError, NonFiniteError
 from less_exp.guards import check_metrics
 from less_exp.results import FILENAME, write_results
-from less_exp.tracking import make_tracker
+from less_exp.tracking import job_tracker
 
 
 def validate(cfg: DictConfig) -> None:
@@ -108,7 +108,7 @@ class Job:
         self.out_dir = output_dir(cfg)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         refuse_foreign_results(self.out_dir, name, self.config)
-        self.tracker = make_tracker(cfg.logger, self.config, self.out_dir, name, run_name())
+        self.tracker = job_tracker(cfg, self.config, self.out_dir, name, run_name())
 
     def __enter__(self) -> "Job":
         self.tracker.__enter__()

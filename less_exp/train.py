@@ -12,7 +12,7 @@ import time
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from less_exp import factory, paths, runtime, tasks, training
+from less_exp import factory, paths, runtime, search, tasks, training
 from less_exp.errors import NonFiniteError
 from less_exp.eval import evaluate
 from less_exp.models import load_model
@@ -63,9 +63,9 @@ def evaluate_trained(cfg: DictConfig, metrics: dict, model_and_tokenizer, out_di
 
 
 @hydra.main(config_path=paths.conf_dir(), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Command line: ``less-train [overrides]``, ``-m`` to sweep."""
-    runtime.run_cli("less-train", train, cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Command line: ``less-train [overrides]``, ``-m`` to sweep; returns ``optimized_metric`` for a search."""
+    return search.objective(cfg, runtime.run_cli("less-train", train, cfg))
 
 
 def cli() -> None:

@@ -43,16 +43,17 @@ def records(path: Path) -> list[pb.Record]:
 
 
 def read_run(run_dir: Path) -> dict:
-    """``{"config", "summary", "history"}`` of the offline run in ``run_dir``.
+    """``{"config", "summary", "history", "group", "job_type", "tags"}`` of the offline run in ``run_dir``.
 
     Config values are decoded dicts; summary and history keys of nested values are flattened
     with ``/`` (``"rows/_type"``), as W&B stores them.
     """
     (path,) = Path(run_dir).glob("run-*.wandb")
-    config, summary, history = {}, {}, []
+    config, summary, history, run = {}, {}, [], {}
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
+            run = {"group": record.run.run_group, "job_type": record.run.job_type, "tags": list(record.run.tags)}
             config.update(_items(record.run.config.update))
         elif kind == "config":
             config.update(_items(record.config.update))
@@ -61,7 +62,7 @@ def read_run(run_dir: Path) -> dict:
         elif kind == "history":
             history.append(_items(record.history.item))
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
-    return {"config": config, "summary": summary, "history": history}
+    return {"config": config, "summary": summary, "history": history, **run}
 
 
 def _items(items) -> dict:
