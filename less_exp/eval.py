@@ -7,9 +7,9 @@ composed by hand (tests, notebooks).
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from less_exp import checkpoints, factory, paths, runtime, search, tasks
+from less_exp import checkpoints, factory, paths, presets, runtime, search, tasks
 from less_exp.errors import NonFiniteError
 from less_exp.guards import FiniteGuard
 from less_exp.models import load_model
@@ -25,6 +25,7 @@ def evaluate(cfg: DictConfig, extra: dict | None = None, model_and_tokenizer=Non
     """
     task = tasks.get(cfg.task.get("module") or cfg.task.name)
     runtime.validate(cfg)
+    cfg = with_checkpoint_policy(cfg)
     factory.validate(cfg)
     if cfg.get("checkpoint"):
         checkpoints.check(cfg)
@@ -49,6 +50,20 @@ def evaluate(cfg: DictConfig, extra: dict | None = None, model_and_tokenizer=Non
     print(f"{cfg.task.name}: " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
     print(f"results: {results}")
     return metrics
+
+
+def with_checkpoint_policy(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the checkpoint's policy and budget when it sets a checkpoint and no policy (eval.yaml's
+    ``full`` untouched, which no state is trained for), saying so in one line; otherwise ``cfg`` itself."""
+    if not cfg.get("checkpoint") or not presets.is_default_policy(cfg.policy):
+        return cfg
+    policy = presets.checkpoint_policy(checkpoints.read_manifest(cfg.checkpoint), cfg.checkpoint)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.policy = policy
+    print(f"policy: {presets.describe_policy(policy)} from checkpoint={cfg.checkpoint}'s manifest "
+          "(set policy= to evaluate another)", flush=True)
+    return cfg
 
 
 def _fmt(value) -> str:

@@ -9,9 +9,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from less_exp import paths
+from less_exp.checkpoints import BUDGET_KEYS
 from less_exp.errors import ConfigError
-
-BUDGET_KEYS = ("sink", "heavy", "recent", "ratio_of")
 
 
 def names(group: str) -> list[str]:
@@ -23,7 +22,8 @@ def load(group: str, name: str, setting: str | None = None) -> DictConfig:
     """Preset ``name`` of ``group``; an unknown name is a ConfigError naming ``setting`` (default: the group)."""
     path = Path(paths.conf_dir()) / group / f"{name}.yaml"
     if not isinstance(name, str) or "/" in name or not path.is_file():
-        raise ConfigError(f"{setting or group}={name!r} is not a preset of conf/{group}/; choose one of {', '.join(names(group))}")
+        raise ConfigError(f"{setting or group}={name!r} is not a preset of conf/{group}/; "
+                          f"choose one of {', '.join(names(group))}")
     return OmegaConf.load(path)
 
 

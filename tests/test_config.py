@@ -26,7 +26,7 @@ def test_eval_defaults(compose_config):
     assert cfg.logger.name == "wandb"
     for group in ("policy", "feature_map", "gating", "reweighting", "normalizer"):
         assert "name" in cfg[group]
-    assert cfg.seed == 0 and cfg.device == "cpu" and cfg.checkpoint is None
+    assert cfg.seed == 0 and cfg.device == "auto" and cfg.checkpoint is None
 
 
 def test_train_composes_without_task(compose_config):

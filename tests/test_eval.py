@@ -142,3 +142,34 @@ def test_sweep_folder_names_stay_flat(overrides, name):
 
 def _must_not_load(*args, **kwargs):
     raise AssertionError("the model must not load when the config is invalid")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_checkpoint_alone_takes_the_manifests_policy_and_budget(compose_config, tmp_path, capsys):
+    from tiny_training import EVAL, train_checkpoint
+
+    from less_exp import checkpoints
+
+    ckpt = train_checkpoint(tmp_path / "trained", "training.epochs=1", "logger=none")
+    trained = checkpoints.read_manifest(ckpt)["budget"]
+    window = [f"checkpoint={ckpt}", "model=tiny_llama", "logger=none", "task.seq_len=64", "task.max_windows=2"]
+    taken = eval_job.evaluate(compose_config("eval", window))
+    assert f"policy: sink (sink=4 heavy=0 recent=8) from checkpoint={ckpt}'s manifest" in capsys.readouterr().out
+    assert {key: taken[key] for key in trained} == trained and taken["policy"] == "sink"
+    assert taken["state_features"] > 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["config"]["policy"]["name"] == "sink" and record["config"]["policy"]["recent"] == 8
+    named = eval_job.evaluate(compose_config("eval", [*EVAL, f"checkpoint={ckpt}"]))
+    assert named["perplexity"] == taken["perplexity"]
+    assert eval_job.evaluate(compose_config("eval", [*window, "checkpoint_budget=any"]))["perplexity"] == taken["perplexity"]
+    with pytest.raises(ConfigError, match="was trained with policy=sink"):  # a policy the user names is checked as before
+        eval_job.evaluate(compose_config("eval", [*window, "policy=h2o", "policy.heavy=4", "policy.recent=4"]))
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_device_auto_is_the_default_and_picks_cuda_when_available(compose_config, monkeypatch, cuda):
+    from less_exp import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert compose_config("eval").device == compose_config("train").device == "auto"
+    assert runtime.resolve_device("auto") == torch.device("cuda" if cuda else "cpu")
