@@ -26,6 +26,8 @@ def _launcher() -> DictConfig | None:
     """The launcher config when ``hydra/launcher`` names a submitit SLURM launcher, else None (run here)."""
     from hydra.core.hydra_config import HydraConfig
 
+    if not HydraConfig.initialized():  # composed by hand (tests, notebooks): run here
+        return None
     launcher = HydraConfig.get().launcher
     return launcher if "SlurmLauncher" in str(launcher.get("_target_", "")) else None
 
