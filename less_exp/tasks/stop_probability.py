@@ -55,7 +55,8 @@ def validate(cfg: DictConfig) -> None:
     task = cfg.task
     if not task.summaries or not Path(str(task.summaries)).expanduser().is_file():
         raise ConfigError(f"task.summaries={task.summaries} is not a file: give the summaries.jsonl of a task=xsum or "
-                          "task=cnn_dailymail run (e.g. the plain run of scripts/generation_check.sh)")
+                          "task=cnn_dailymail run (e.g. the plain run of less-study study=sink_generation: "
+                          "outputs/studies/sink_generation/eval/xsum/plain/summaries.jsonl)")
     require_positive_int_or_null(task, "task", "max_prompt_tokens", "every prompt")
     if not isinstance(task.max_repetition, (int, float)) or isinstance(task.max_repetition, bool) or not 0 <= task.max_repetition <= 1:
         raise ConfigError(f"task.max_repetition={task.max_repetition} must be a share in [0, 1]")
