@@ -12,6 +12,12 @@ refuses a folder whose files were trained for another set-up, evaluation refuses
 match the manifest or the model they are loaded into. Non-finite parameters are never written nor
 loaded.
 
+A checkpoint is data, never code. Its manifest and every layer file's fingerprint may hold only the
+known keys, plain JSON values and, for each state component, one ``_target_`` of :data:`ENGINE_CLASSES`;
+anything else (a foreign ``_target_``, a nested Hydra key such as ``_partial_``) is refused when the
+file is read, before anything is built. Each layer file carries a sha256 of its tensors
+(:func:`tensors_digest`), verified whenever its tensors are loaded or it is counted as done.
+
 Jobs that train different layer ranges write into the same folder; the manifest is rewritten under
 a lock from the layer files, so it never loses a layer. ``progress/`` holds a layer's per-epoch
 training progress (plain tensors, numbers and strings, read with ``weights_only=True``) until it is
@@ -25,14 +31,16 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
+from less_exp import policies, state as components
 from less_exp.adapter import attention_modules
 from less_exp.errors import ConfigError, NonFiniteError
 
@@ -44,6 +52,8 @@ IDENTITY = ("format", "model", "policy", "budget", "feature_map", "normalizer", 
             "training", "state_token_equivalents")
 COMPONENTS = ("policy", "feature_map", "normalizer", "reweighting", "gating")
 OPTIONAL_COMPONENTS = ("reweighting", "gating")  # recorded only when not none, as before they existed
+MANIFEST_KEYS = (*IDENTITY, "layers", "layers_done", "complete")
+HYDRA_KEY = re.compile(r"^_.*_$")  # _target_, _partial_, _args_, _recursive_, _convert_, ...
 MODEL_DERIVED = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "config_hash", "weights_hash")
 VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache",
                    "output_attentions", "output_hidden_states", "return_dict"}
@@ -85,6 +95,83 @@ def _locked(root: Path):
 
 def _retrain(root: Path, path: Path) -> str:
     return f"retrain that layer: delete {path.name} and rerun less-train with checkpoint={root}"
+
+
+# ------------------------------------------------------------------------------ data, never code
+ENGINE_CLASSES = {
+    "policy": (policies.Full, policies.H2O, policies.Sink, policies.TOVA, policies.Window),
+    "feature_map": (components.DiJiang, components.Elu1, components.Hedgehog, components.LessMLP, components.Performer,
+                    components.Relu, components.Taylor),
+    "normalizer": (components.JointNormalizer, components.NormNormalizer),
+    "reweighting": (components.CosFormer, components.LeaPformer),
+    "gating": (components.Decay, components.ScalarGate, components.VectorGate),
+}
+"""The allow-list: the only classes a checkpoint's components may name, an explicit registry of the
+engine's classes per group (``tests/test_checkpoint_trust.py`` checks that it covers every
+``_target_`` of ``conf/<group>/*.yaml``). A class is named as the package exports it
+(``less_exp.state.LessMLP``) or by its defining module (``less_exp.state.feature_maps.LessMLP``)."""
+
+
+def _exported(cls: type) -> str:
+    return f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"
+
+
+def allowed(group: str) -> dict[str, type]:
+    """``_target_`` -> class for the engine classes of component ``group``."""
+    return {name: cls for cls in ENGINE_CLASSES[group] for name in (_exported(cls), f"{cls.__module__}.{cls.__qualname__}")}
+
+
+def engine_class(group: str, spec: dict) -> type:
+    """The allow-listed class a checkpoint component names; anything else is a ConfigError."""
+    cls = allowed(group).get(spec.get("_target_"))
+    if cls is None:
+        raise ConfigError(f"{group}._target_={spec.get('_target_')!r} is not an engine {group} class (a checkpoint may "
+                          f"name only {', '.join(sorted(map(_exported, ENGINE_CLASSES[group])))})")
+    return cls
+
+
+def _not_data(value, where: str) -> str | None:
+    """Where ``value`` stops being plain data: a Hydra key (``_target_``, ``_partial_``, ...) at any depth, or a
+    value that is not a JSON scalar, list or dict; None when it is plain data."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or HYDRA_KEY.match(key):
+                return f"{where}.{key}"
+            found = _not_data(item, f"{where}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(value, list):
+        return next((found for i, item in enumerate(value) if (found := _not_data(item, f"{where}[{i}]"))), None)
+    return None if value is None or isinstance(value, (str, int, float, bool)) else where
+
+
+def _require_data(root: Path, data, source: str, known: tuple, fix: str) -> None:
+    """Refuse ``data`` (a manifest or a layer file's fingerprint, read by ``source``) unless it holds only ``known``
+    keys, plain data, and components that name allow-listed engine classes: before anything is built from it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"checkpoint={root}: {source} is not a JSON object; {fix}")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"checkpoint={root}: {source} has unknown key {unknown[0]!r} (known: {', '.join(known)}); {fix}")
+    for key, value in data.items():
+        if key in COMPONENTS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"checkpoint={root}: {source} {key} is not a component (a JSON object); {fix}")
+            if "_target_" in value or value.get("name") != "none":
+                try:
+                    engine_class(key, value)
+                except ConfigError as err:
+                    raise ConfigError(f"checkpoint={root}: {source} {err}; {fix}") from None
+            value = {k: v for k, v in value.items() if k != "_target_"}
+        found = _not_data(value, key)
+        if found:
+            raise ConfigError(f"checkpoint={root}: {source} holds {found}, which is not plain data (Hydra keys such as "
+                              f"_target_ or _partial_ are allowed nowhere but a component's own _target_); {fix}")
+
+
+def _rebuild(root: Path) -> str:
+    return f"delete {MANIFEST} and rerun less-train with checkpoint={root} to rebuild it from the layer files"
 
 
 # ------------------------------------------------------------------------------ identity
@@ -212,11 +299,14 @@ def read_manifest(root: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"checkpoint={root}: {MANIFEST} is not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"checkpoint={root}: {MANIFEST} is not a JSON object; {_rebuild(Path(root))}")
     if manifest.get("format") != FORMAT:
         raise ConfigError(
             f"checkpoint={root}: {MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
             "retrain into a new folder with this less-exp"
         )
+    _require_data(Path(root), manifest, MANIFEST, MANIFEST_KEYS, _rebuild(Path(root)))
     return manifest
 
 
@@ -239,6 +329,8 @@ def read_layer(root: str | Path, layer: int) -> tuple[dict, dict]:
         ) from err
     if own_layer != layer:
         raise ConfigError(f"checkpoint={root}: {path.name} holds layer {own_layer}'s state; {_retrain(root, path)}")
+    _require_data(root, found, f"{path.name}'s {FINGERPRINT}", IDENTITY, _retrain(root, path))
+    _require_data(root, {"metrics": metrics}, f"{path.name}'s metrics", ("metrics",), _retrain(root, path))
     return found, metrics
 
 
@@ -258,11 +350,13 @@ def open_for_training(root: Path, head: dict) -> None:
                     f"checkpoint={root} holds states trained with {differs[0]}, but this job has {differs[1]}; "
                     "use another checkpoint folder or the same settings"
                 )
-        _write_manifest(root, head)
+        _write_manifest(root, head, verify=True)
 
 
-def _write_manifest(root: Path, head: dict) -> dict:
-    """Rewrite the manifest from ``head`` and the layer files, each of which must agree with it. Call under the lock."""
+def _write_manifest(root: Path, head: dict, verify: bool = False) -> dict:
+    """Rewrite the manifest from ``head`` and the layer files, each of which must agree with it (and, with
+    ``verify``, still hold the tensors it was saved with, as a job opening the folder counts them done). Call
+    under the lock."""
     manifest = fingerprint(head)
     layers = {}
     for layer in sorted(done_layers(root)):
@@ -273,6 +367,8 @@ def _write_manifest(root: Path, head: dict) -> dict:
                 f"checkpoint={root}: {layer_file(root, layer).name} was trained with {differs[0]}, this job has "
                 f"{differs[1]}; use another checkpoint folder"
             )
+        if verify:
+            _layer_tensors(root, layer)
     manifest["layers"] = layers
     manifest["layers_done"] = sorted(int(k) for k in layers)
     manifest["complete"] = len(layers) == manifest["model"]["num_layers"]
@@ -338,14 +434,24 @@ def check_start(root: str | Path, head: dict, setting: str = "training.init_from
 
 
 def _layer_tensors(root: str | Path, layer: int) -> dict:
-    """A layer file's tensors; an unreadable file is a ConfigError that says how to retrain it."""
-    path = layer_file(root, layer)
+    """A layer file's tensors, verified against the :func:`tensors_digest` saved with them; an unreadable,
+    changed or unhashed file is a ConfigError that says how to retrain it."""
+    root, path = Path(root), layer_file(root, layer)
     try:
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as fh:
+            saved = (fh.metadata() or {}).get(TENSORS_SHA256)
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except (SafetensorError, OSError) as err:
         raise ConfigError(
-            f"checkpoint={root}: {path.name} is unreadable (truncated or corrupt: {_one_line(err)}); {_retrain(Path(root), path)}"
+            f"checkpoint={root}: {path.name} is unreadable (truncated or corrupt: {_one_line(err)}); {_retrain(root, path)}"
         ) from err
+    if saved is None:
+        raise ConfigError(f"checkpoint={root}: {path.name} carries no {TENSORS_SHA256} to verify its tensors by (written "
+                          f"by an older less-exp); {_retrain(root, path)}")
+    if tensors_digest(tensors) != saved:
+        raise ConfigError(f"checkpoint={root}: {path.name} does not hold the tensors it was saved with (sha256 differs); "
+                          f"{_retrain(root, path)}")
+    return tensors
 
 
 def load_layer(root: str | Path, layer: int, state: torch.nn.Module) -> None:
@@ -478,12 +584,13 @@ def _check_layers(root: Path, manifest: dict) -> None:
             )
 
 
-def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig, DictConfig, DictConfig, DictConfig]:
-    """The feature map to build (the run's when it names one, else the checkpoint's) and the checkpoint's
-    normaliser, re-weighting and gating."""
-    feature_map = cfg.feature_map if cfg.feature_map.get("name", "none") != "none" else OmegaConf.create(manifest["feature_map"])
-    reweighting, gating = (OmegaConf.create(manifest.get(group, {"name": "none"})) for group in OPTIONAL_COMPONENTS)
-    return feature_map, OmegaConf.create(manifest["normalizer"]), reweighting, gating
+def state_nodes(cfg: DictConfig, manifest: dict) -> tuple[DictConfig | dict, dict, dict, dict]:
+    """The feature map to build (the run's config node when it names one, else the checkpoint's) and the
+    checkpoint's normaliser, re-weighting and gating. A checkpoint's component is a plain dict, checked by
+    :func:`read_manifest`, that :mod:`less_exp.factory` builds as data (its allow-listed class, no Hydra)."""
+    feature_map = cfg.feature_map if cfg.feature_map.get("name", "none") != "none" else dict(manifest["feature_map"])
+    reweighting, gating = (dict(manifest.get(group, {"name": "none"})) for group in OPTIONAL_COMPONENTS)
+    return feature_map, dict(manifest["normalizer"]), reweighting, gating
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -81,18 +81,31 @@ def model_shape(model_cfg: DictConfig) -> dict | None:
     return None if shape is None else {k: int(shape[k]) for k in ("layers", "heads", "kv_heads", "head_dim")}
 
 
-def _chosen(node: DictConfig | None) -> bool:
+def _chosen(node: DictConfig | dict | None) -> bool:
     return node is not None and node.get("name", "none") != "none"
 
 
-def _state_builders(feature_map: DictConfig, normalizer: DictConfig, reweighting: DictConfig | None,
-                    gating: DictConfig | None, shape: dict):
+def _component(group: str, node: DictConfig | dict, **kwargs):
+    """Build a state component: a config node through Hydra; a checkpoint's (a plain dict, see
+    :func:`less_exp.checkpoints.state_nodes`) as data, its allow-listed engine class called with its values."""
+    if isinstance(node, DictConfig):
+        return instantiate_component(node, **kwargs)
+    cls = checkpoints.engine_class(group, node)
+    try:
+        return cls(**{k: v for k, v in node.items() if k not in ("_target_", "name")}, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"the checkpoint's {group}={node.get('name')} does not build with this less-exp ({err}); "
+                          "retrain it into a new folder") from err
+
+
+def _state_builders(feature_map: DictConfig | dict, normalizer: DictConfig | dict, reweighting: DictConfig | dict | None,
+                    gating: DictConfig | dict | None, shape: dict):
     """Constructors of one layer's components; the gating's takes the state's D' (``features``)."""
     kwargs = dict(head_dim=shape["head_dim"], num_heads=shape["heads"], num_kv_heads=shape["kv_heads"])
-    return (lambda: instantiate_component(feature_map, **kwargs),
-            lambda: instantiate_component(normalizer, **kwargs),
-            (lambda: instantiate_component(reweighting, **kwargs)) if _chosen(reweighting) else None,
-            (lambda features: instantiate_component(gating, **kwargs, features=features)) if _chosen(gating) else None)
+    return (lambda: _component("feature_map", feature_map, **kwargs),
+            lambda: _component("normalizer", normalizer, **kwargs),
+            (lambda: _component("reweighting", reweighting, **kwargs)) if _chosen(reweighting) else None,
+            (lambda features: _component("gating", gating, **kwargs, features=features)) if _chosen(gating) else None)
 
 
 def _config_state(cfg: DictConfig):
@@ -134,7 +147,7 @@ def _root_cause(err: BaseException) -> str:
 def make_states(cfg: DictConfig, model: torch.nn.Module, feature_map=None, normalizer=None,
                 reweighting=None, gating=None) -> LessStates | None:
     """Instantiate the feature map, normaliser, re-weighting and gating once per layer, or None for
-    ``feature_map=none``. Nodes given replace ``cfg``'s (a checkpoint supplies its own).
+    ``feature_map=none``. Nodes given replace ``cfg``'s (a checkpoint supplies its own, as plain dicts).
     """
     feature_map = cfg.feature_map if feature_map is None else feature_map
     normalizer = cfg.normalizer if normalizer is None else normalizer

@@ -39,14 +39,17 @@ def _evaluate(compose_config, folder, *overrides):
 
 
 def _rewrite_layer(root, layer, tensors=None, **fingerprint_model):
-    """Rewrite a layer file as a forger would: other tensors and/or other model fields in its fingerprint."""
+    """Rewrite a layer file as a forger would: other tensors (with their sha256, which anyone can compute)
+    and/or other model fields in its fingerprint."""
     path = checkpoints.layer_file(root, layer)
     with safe_open(str(path), "pt") as fh:
         metadata = dict(fh.metadata())
     found = json.loads(metadata[checkpoints.FINGERPRINT])
     found["model"].update(fingerprint_model)
     metadata[checkpoints.FINGERPRINT] = json.dumps(found, sort_keys=True)
-    save_file(tensors if tensors is not None else load_file(str(path)), str(path), metadata=metadata)
+    tensors = tensors if tensors is not None else load_file(str(path))
+    metadata[checkpoints.TENSORS_SHA256] = checkpoints.tensors_digest(tensors)
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def _must_not_load(*args, **kwargs):

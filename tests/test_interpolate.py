@@ -132,7 +132,8 @@ def test_ends_with_different_fixed_features_are_refused(compose_config, tmp_path
         meta = fh.metadata()
     tensors = load_file(str(path))
     (name,) = [k for k in tensors if k.endswith("omega")]
-    save_file({**tensors, name: -tensors[name]}, str(path), metadata=meta)
+    forged = {**tensors, name: -tensors[name]}
+    save_file(forged, str(path), metadata={**meta, checkpoints.TENSORS_SHA256: checkpoints.tensors_digest(forged)})
     overrides = ["model=tiny_llama", "logger=none", "policy=sink", "policy.recent=8", *performer, "training=interpolate",
                  "training.seq_len=64", f"training.init_from={start}", f"training.toward={end}",
                  f"checkpoint={tmp_path / 'out'}"]

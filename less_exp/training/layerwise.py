@@ -230,7 +230,7 @@ class LayerFit:
         sums = {"plain": 0.0, "baseline_plus": 0.0, "count": 0}
         prepared = []
         for i, path in enumerate(files):
-            rec = {k: v.float()[None].to(self.device) for k, v in torch.load(path).items()}
+            rec = {k: v.float()[None].to(self.device) for k, v in torch.load(path, weights_only=True).items()}
             q, k, v, o = rec["q"], rec["k"], rec["v"], rec["o"]
             logits = attention_logits(q, k, module.scaling)
             sched = self._schedule(self.policy, self.budget, logits, k.shape[1])
@@ -281,7 +281,7 @@ class LayerFit:
     # -------------------------------------------------------------- one pass
     def _batch(self, files: list[Path]) -> dict:
         """Stack prepared sequences."""
-        items = [torch.load(f) for f in files]
+        items = [torch.load(f, weights_only=True) for f in files]
         return {k: torch.stack([it[k] for it in items]).to(self.device) for k in items[0]}
 
     def _error(self, state: LessState, o_proj, batch: dict) -> tuple[torch.Tensor, int]:
