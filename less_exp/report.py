@@ -1,7 +1,8 @@
 """``less-report PATH...``: every ``results.json`` under run or sweep folders as one report.
 
 The report is ``report.md`` (one markdown table per task, rows grouped by model, policy, budget and
-state config) plus PNG plots (metric versus memory per method, one passkey heatmap per passkey run),
+state config) plus PNG figures (per task a summary of its headline metric against memory for every
+method, each plotted metric against memory, passkey heatmaps; :mod:`less_exp.report_plots`),
 and, with ``--logger wandb``, the same tables and images in a W&B run; with ``--page``, a results page
 for the repo's docs (:func:`write_page`). Each task module and training mode declares its columns,
 plotted and headline metrics and label (``REPORT``, a :class:`~less_exp.report_spec.ReportSpec`), so
@@ -112,7 +113,8 @@ class Table:
 
 @dataclass
 class Report:
-    """What :func:`make_report` wrote: ``report.md``, the plots (heatmaps among them) and the W&B run."""
+    """What :func:`make_report` wrote: ``report.md``, the figures (``summaries``: the headline metric
+    against memory, one per model and task; ``plots``: each plotted metric; ``heatmaps``: passkey) and the W&B run."""
 
     out_dir: Path
     markdown: str
@@ -122,9 +124,10 @@ class Report:
     heatmaps: list[Path] = field(default_factory=list)
     failed: list[tuple[Run, str]] = field(default_factory=list)
     wandb_run_dir: Path | None = None
-    images: list = field(default_factory=list)  # the plots and heatmaps as report_plots.Plot (task, caption)
+    images: list = field(default_factory=list)  # every figure as report_plots.Plot (task, caption, figure), summaries first
     paths: list = field(default_factory=list)  # the PATHs reported
     average_seeds: bool = False
+    summaries: list[Path] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -460,19 +463,19 @@ def make_report(
     for task in {r.task for r in runs}:
         split[task] = [k for k in varying_keys([r for r in runs if r.task == task]) if not (average_seeds and k == SEED)]
     plotted = {task: tuple(dict.fromkeys(m for r in runs if r.task == task for m in _spec(r).plots)) for task in split}
-    plots = report_plots.metric_plots(
-        runs,
-        out,
-        lambda task: tuple(metrics) or plotted[task],
-        lambda run: tuple((k, setting_text(_setting(run, k))) for k in split[run.task]),
-    )
-    heatmaps = report_plots.passkey_heatmaps(runs, out)
-    markdown = _markdown(paths, runs, tables, plots + heatmaps, out, failed, average_seeds)
+    headline = {task: next((_spec(r).headline for r in runs if r.task == task and _spec(r).headline), None) for task in split}
+    styles, taken = report_plots.method_styles([r.method for r in runs]), set()
+    settings = lambda run: tuple((k, setting_text(_setting(run, k))) for k in split[run.task])  # noqa: E731
+    summaries = report_plots.summary_plots(runs, out, headline.get, settings, styles, taken)
+    plots = report_plots.metric_plots(runs, out, lambda task: tuple(metrics) or plotted[task], settings, styles, taken)
+    heatmaps = report_plots.passkey_heatmaps(runs, out, styles, taken)
+    images = summaries + plots + heatmaps
+    markdown = _markdown(paths, runs, tables, images, out, failed, average_seeds)
     (out / "report.md").write_text(markdown, encoding="utf-8")
     report = Report(out, markdown, runs, tables, [p.path for p in plots], [p.path for p in heatmaps], failed,
-                    images=plots + heatmaps, paths=list(paths), average_seeds=average_seeds)
+                    images=images, paths=list(paths), average_seeds=average_seeds, summaries=[p.path for p in summaries])
     if logger != "none":
-        report.wandb_run_dir = _log_to_wandb(report, plots + heatmaps, paths, logger, project, group)
+        report.wandb_run_dir = _log_to_wandb(report, images, paths, logger, project, group)
     return report
 
 
@@ -731,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(report.markdown)
     print(
-        f"report: {report.out_dir / 'report.md'} (plots: {len(report.plots)}, passkey heatmaps: {len(report.heatmaps)}, "
+        f"report: {report.out_dir / 'report.md'} (summaries: {len(report.summaries)}, plots: {len(report.plots)}, passkey heatmaps: {len(report.heatmaps)}, "
         f"failed runs: {len(report.failed)})" + (f"; page: {page}" if page else "")
     )
     return 0

@@ -150,7 +150,9 @@ def test_cli_writes_report_and_picks_metric(sweep, tmp_path, capsys):
     assert "| tiny_llama | h2o+less_mlp(ckpt) | 32 | 4.25 | 36 |" in printed
     assert printed.count("1_policy=h2o,b=32 |") == 1
     assert (out / "report.md").is_file()
-    assert sorted(p.name for p in out.glob("*.png") if not p.name.startswith("passkey_")) == ["tiny_llama_perplexity_nll.png"]
+    assert sorted(p.name for p in out.glob("*.png") if not p.name.startswith(("passkey_", "summary_"))) == ["tiny_llama_perplexity_nll.png"]
+    # --metric replaces the plotted metrics; the summaries keep each task's headline
+    assert sorted(p.name for p in out.glob("summary_*.png")) == [f"summary_tiny_llama_{t}.png" for t in ("passkey", "perplexity", "train")]
 
 
 def test_single_run_folder_defaults_to_its_report_folder(sweep):
@@ -226,9 +228,10 @@ def test_wandb_run_holds_tables_and_images(sweep, monkeypatch):
     table = json.loads(table_file.read_text())
     assert table["columns"] == PPL_COLUMNS and len(table["data"]) == 6
     assert table["data"][3][:5] == ["tiny_llama", "h2o+less_mlp(ckpt)", 32, 4.25, 36]
-    for png in rep.plots + rep.heatmaps:
+    for png in rep.summaries + rep.plots + rep.heatmaps:
         assert run["summary"][f"plot/{png.stem}/_type"] == "image-file"
-    assert len(list(rep.wandb_run_dir.glob("files/media/images/plot/*.png"))) == len(rep.plots) + len(rep.heatmaps)
+    assert len(rep.summaries) == 3  # passkey, perplexity, train: the figures of the page are the ones logged
+    assert len(list(rep.wandb_run_dir.glob("files/media/images/plot/*.png"))) == len(rep.summaries) + len(rep.plots) + len(rep.heatmaps)
 
 
 def test_plots_place_methods_at_their_memory(tmp_path, monkeypatch):
@@ -241,7 +244,9 @@ def test_plots_place_methods_at_their_memory(tmp_path, monkeypatch):
         config = _config("xsum", policy, "less_mlp" if state else "none", checkpoint="ckpt/h2o" if state else None)
         write_results(tmp_path / "one" / str(i), "eval", {"rouge1": score, **_summary(policy, budget, state)}, config, 1.0)
     drawn = []
-    monkeypatch.setattr(report_plots, "_bars", lambda axes, lines: drawn.append({m: dict(p) for m, p in lines.items()}))
+    bars = report_plots._bars
+    monkeypatch.setattr(report_plots, "_bars", lambda axes, series, *rest: drawn.append(
+        {m: dict(s.values) for (m, _), s in series.items()}) or bars(axes, series, *rest))
     rep = report.make_report([tmp_path / "one"], metrics=["rouge1"])
     assert [p.name for p in rep.plots] == ["tiny_llama_xsum_rouge1.png"]
     assert drawn == [{"h2o": {32: [0.2]}, "h2o+less_mlp(ckpt)": {36: [0.25]}}]
@@ -262,10 +267,10 @@ def figures(monkeypatch):
 
 def _lines(figures, title: str) -> dict[str, tuple[list[float], list[float]]]:
     """``{label: (x, y)}`` of the lines in the one figure titled ``title``, over its panels (titled
-    ``title · <policy>`` when it has one per policy; full-cache lines span x 0..1)."""
+    ``title · <policy>`` when it has one per policy; full-cache lines span x 0..1; error bar caps left out)."""
     (figure,) = [f for f in figures if f.axes and f.axes[0].get_title().split(" · ")[:3] == title.split(" · ")]
     return {line.get_label(): (list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
-            for axes in figure.axes for line in axes.get_lines()}
+            for axes in figure.axes for line in axes.get_lines() if not line.get_label().startswith("_")}
 
 
 def _ppl_config(policy, data="wikitext2", seq_len=1024, seed=0, batch_size=1):
@@ -309,10 +314,10 @@ def test_failed_and_non_finite_runs_are_listed_apart(sweep, figures, capsys):
 
     h2o = _lines(figures, "tiny_llama · perplexity · perplexity")["h2o"]
     assert h2o == ([32.0, 64.0, 128.0], [341.0, 320.25, 310.0])
-    (panels,) = [f.axes for f in figures if f.axes and f.axes[0].get_title().startswith("tiny_llama · perplexity")]
+    (panels,) = [f.axes for f in figures if f.axes and f.axes[0].get_title().startswith("tiny_llama · perplexity · perplexity ·")]
     h2o_panel, sink_panel = panels  # a panel per policy, each with only its own runs and the full cache
     assert h2o_panel.get_title().endswith("· h2o") and sink_panel.get_title().endswith("· sink")
-    assert {line.get_label().split("+")[0].split("(")[0] for line in h2o_panel.get_lines()} == {"h2o", "full"}
+    assert {line.get_label().split("+")[0].split("(")[0] for line in h2o_panel.get_lines() if line.get_label()[0] != "_"} == {"h2o", "full"}
     assert [t.get_text().split("\n")[0] for t in sink_panel.get_xticklabels()] == ["sink"]  # one budget: a bar
     passkey = _lines(figures, "tiny_llama · passkey · accuracy")
     assert sorted(passkey) == ["full"] and len(rep.heatmaps) == 3
@@ -446,7 +451,7 @@ def test_results_page_has_command_version_tables_and_plots(sweep, tmp_path, monk
     assert "Headline: perplexity (lower is better)." in text and "Headline: accuracy (higher is better)." in text
     assert [row[0] for row in _table(text, "Failed runs")[1:]] == ["2026-01-01_00-00-00/12_oom"]
     links = [unquote(link) for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
-    assert sorted(links) == sorted(f"toy_study/{p.name}" for p in (tmp_path / "rep").glob("*.png")) and len(links) == 5
+    assert sorted(links) == sorted(f"toy_study/{p.name}" for p in (tmp_path / "rep").glob("*.png")) and len(links) == 8
     assert all((page.parent / link).is_file() for link in links)
     assert sorted(p.name for p in (page.parent / "toy_study").iterdir()) == sorted(Path(link).name for link in links)
 
@@ -455,7 +460,7 @@ def test_results_page_has_command_version_tables_and_plots(sweep, tmp_path, monk
     text = page.read_text()
     assert text.startswith("# toy_study\n") and "```sh\nagain\n```" in text
     links = [unquote(link) for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
-    assert len(links) == 4 and sorted(p.name for p in (page.parent / "toy_study").iterdir()) == sorted(Path(link).name for link in links)
+    assert len(links) == 7 and sorted(p.name for p in (page.parent / "toy_study").iterdir()) == sorted(Path(link).name for link in links)
 
     capsys.readouterr()
     assert report.main([str(sweep), "--page", str(tmp_path / "page.txt")]) == 2
