@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
@@ -186,6 +187,7 @@ def compose_error(config_name: str, argv: list[str]) -> str | None:
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name=config_name):
             cfg = compose(config_name, overrides=list(argv), return_hydra_config=True)
             OmegaConf.to_container(cfg.get("paths", {}), resolve=False)
+            return unknown_added_key(config_name, list(argv))
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         options = [line for line in lines[1:] if not line.startswith(("Config search path", "provider="))]
@@ -196,6 +198,51 @@ def compose_error(config_name: str, argv: list[str]) -> str | None:
         elif len(lines) > 1 and not lines[1].startswith("full_key"):
             head += f" ({lines[1]})"
         return head
+
+
+# mappings whose entries the user names: a `+` key under them adds an entry, it is not a typo
+OPEN_MAPPINGS = ("model.config", "study.methods", "study.evaluations")
+_ABSENT = object()
+
+
+def unknown_added_key(config_name: str, argv: list[str]) -> str | None:
+    """The first ``+key=value`` of ``argv`` that adds a key unknown to the config composed without the
+    ``+`` keys, as one line naming the closest known key; None when every ``+`` key is legitimate.
+
+    The rule: walk up from the key to its deepest ancestor that the config has; when that ancestor is a
+    mapping whose keys are known (any mapping, except Hydra's own and the user-named entries of
+    :data:`OPEN_MAPPINGS` and their insides), the key is a typo or unknown and is refused. ``++key``
+    (a deliberate force-add), ``+group=option`` and ``+group@package=option`` (config groups) pass.
+    Call inside Hydra's ``initialize_config_dir``.
+    """
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = GlobalHydra.instance().config_loader()
+    added = [o for o in OverridesParser.create().parse_overrides(argv)
+             if o.is_add() and o.package is None and not o.key_or_group.startswith("hydra")
+             and "/" not in o.key_or_group and not loader.get_group_options(o.key_or_group)]
+    if not added:
+        return None
+    lines = {o.input_line for o in added}
+    cfg = compose(config_name, overrides=[a for a in argv if a not in lines])
+    for override in added:
+        key = override.key_or_group
+        parts = key.split(".")
+        depth = len(parts) - 1
+        while depth and OmegaConf.select(cfg, ".".join(parts[:depth]), default=_ABSENT,
+                                         throw_on_resolution_failure=False) is _ABSENT:
+            depth -= 1
+        parent = ".".join(parts[:depth])
+        node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+        if not isinstance(node, DictConfig) or any(f"{key}.".startswith(f"{m}.") for m in OPEN_MAPPINGS):
+            continue
+        missing, known = parts[depth], [str(k) for k in node.keys()]
+        close = difflib.get_close_matches(missing, known, n=1)
+        where = f"{parent} has no key" if parent else "the config has no top-level key"
+        hint = f"did you mean {'.'.join([*parts[:depth], close[0]])}?" if close else f"known: {', '.join(known[:12])}"
+        return f"{override.input_line}: {where} {missing} ({hint}); set an existing key without '+'"
     return None
 
 
