@@ -6,6 +6,7 @@ import difflib
 import json
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,7 @@ class Job:
 
     def __init__(self, cfg: DictConfig, name: str):
         self.cfg, self.name = cfg, name
-        self.started = time.perf_counter()
+        self.started, self.finished = time.perf_counter(), False
         self.out_dir = output_dir(cfg)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         refuse_foreign_results(self.out_dir, name, self.config)
@@ -116,6 +117,8 @@ class Job:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if isinstance(exc, KeyboardInterrupt) and not self.finished:
+            self.fail(f"interrupted ({_signal_name(exc)})")
         self.tracker.__exit__(exc_type, exc, tb)
 
     def finish(self, metrics: dict) -> Path:
@@ -131,7 +134,9 @@ class Job:
         duration = time.perf_counter() - self.started
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
         self.tracker.summary({**scalars, "duration_s": duration})
-        return write_results(self.out_dir, self.name, metrics, self.config, duration)
+        path = write_results(self.out_dir, self.name, metrics, self.config, duration)
+        self.finished = True
+        return path
 
     def fail(self, error: BaseException) -> Path:
         """Write ``results.json`` marked failed, with the reason and no metrics."""
@@ -150,6 +155,8 @@ def run_cli(prog: str, work, cfg: DictConfig):
     """
     try:
         return work(cfg)
+    except KeyboardInterrupt as err:
+        _interrupted(prog, err, resume_hint(cfg))
     except LessError as err:
         if os.environ.get("LESS_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -160,6 +167,38 @@ def run_cli(prog: str, work, cfg: DictConfig):
 
 
 _SWEEP_FAILURES: list[int] = []
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the job is so that it unwinds (its ``results.json`` says failed,
+    trackers close) and ends in one line with exit code 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum, frame) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)  # a second signal ends the process at once
+    raise Interrupted(signum)
+
+
+def _signal_name(err: KeyboardInterrupt) -> str:
+    return signal.Signals(getattr(err, "signum", signal.SIGINT)).name
+
+
+def resume_hint(cfg: DictConfig) -> str:
+    """How to continue an interrupted job: the same command, or for a training into its own run folder,
+    the same command with that folder's checkpoint."""
+    if cfg.get("training") is not None and not cfg.get("checkpoint"):
+        return f"rerun with checkpoint={Path(cfg.paths.output_dir) / 'checkpoint'} to resume"
+    return "rerun the same command to resume"
+
+
+def _interrupted(prog: str, err: KeyboardInterrupt, hint: str = "rerun the same command to resume") -> None:
+    print(f"{prog}: interrupted ({_signal_name(err)}); {hint}", file=sys.stderr)
+    sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
 
 
 def _in_sweep() -> bool:
@@ -248,13 +287,19 @@ def unknown_added_key(config_name: str, argv: list[str]) -> str | None:
 
 def cli(prog: str, config_name: str, main) -> None:
     """A console script: a bad override or an unwritable output folder is one line (exit code 2),
-    found before Hydra starts; then ``main`` (the Hydra entry point) runs."""
+    found before Hydra starts; then ``main`` (the Hydra entry point) runs. SIGINT and SIGTERM end it
+    with one line and exit code 130 / 143 (:class:`Interrupted`)."""
     from less_exp.paths import unwritable_output
 
-    problem = compose_error(config_name, sys.argv[1:]) or unwritable_output(sys.argv[1:])
-    if problem:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    try:
+        problem = compose_error(config_name, sys.argv[1:]) or unwritable_output(sys.argv[1:])
+        if problem:
+            print(f"{prog}: error: {problem}", file=sys.stderr)
+            sys.exit(2)
+        main()
+    except KeyboardInterrupt as err:
+        _interrupted(prog, err)
     if _SWEEP_FAILURES:
         sys.exit(_SWEEP_FAILURES[0])

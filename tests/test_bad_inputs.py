@@ -113,11 +113,8 @@ def _run(case, root: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     argv = [str(BIN / command[0]), *(arg.replace("{tmp}", str(tmp)) for arg in command[1:])]
-    env = {**os.environ, "LESS_OUTPUT_DIR": str(tmp / "outputs"), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    env.pop("LESS_DEBUG", None)
     began = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, cwd=tmp)
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env(tmp), timeout=120, cwd=tmp)
     return done, time.perf_counter() - began, tmp
 
 
@@ -166,3 +163,62 @@ def test_plus_adds_groups_and_open_entries(config_name, overrides):
     assert problem is None or "has no" not in problem, problem
     if problem is None:  # without Hydra's optuna plugin, +hparams_search fails on that, not on a key
             assert runtime.compose_error(config_name, [*overrides, "+seed_value=1"]).startswith("+seed_value=1: the config has no")
+
+
+LONG_TRAIN = [*TRAIN, "training.num_sequences=8", "training.epochs=20", "policy.recent=8"]
+
+
+def _env(tmp: Path) -> dict:
+    env = {**os.environ, "LESS_OUTPUT_DIR": str(tmp / "outputs"), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    for key in ("HYDRA_FULL_ERROR", "LESS_DEBUG"):
+        env.pop(key, None)
+    return env
+
+
+def _epochs_done(ckpt: Path, epochs: int) -> int:
+    """Epochs trained into ``ckpt`` so far, over all layers (a finished layer counts all of them)."""
+    import torch
+
+    done = epochs * len(list(ckpt.glob("layer_*.safetensors")))
+    for path in ckpt.glob("progress/layer_*.pt"):
+        try:
+            done += torch.load(path, weights_only=True)["epoch"]
+        except (OSError, RuntimeError, EOFError, KeyError):
+            pass
+    return done
+
+
+def _interrupt(argv: list[str], tmp: Path, ckpt: Path, sig, until) -> subprocess.CompletedProcess:
+    """Run ``argv``, send ``sig`` once ``until(epochs done)`` holds, and wait for the process to end."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp), cwd=tmp)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not until(_epochs_done(ckpt, 20)):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_sigterm_and_sigint_end_in_one_line_and_a_rerun_resumes(tmp_path):
+    import signal
+
+    ckpt = tmp_path / "ckpt"
+    argv = [str(BIN / LONG_TRAIN[0]), *LONG_TRAIN[1:], f"checkpoint={ckpt}"]
+    seen = 0
+    for number, (sig, code) in enumerate([(signal.SIGTERM, 143), (signal.SIGINT, 130)]):
+        run_dir = tmp_path / f"run{number}"
+        done = _interrupt([*argv, f"hydra.run.dir={run_dir}"], tmp_path, ckpt, sig, lambda n: n >= 4 and n > seen)
+        assert done.returncode == code, done.stderr[-1500:]
+        assert "Traceback" not in done.stderr, done.stderr[-1500:]
+        assert done.stderr.strip().splitlines()[-1] == (f"less-train: interrupted ({sig.name}); rerun the same command "
+                                                        "to resume")
+        record = json.loads((run_dir / "results.json").read_text())
+        assert record["status"] == "failed" and record["error"] == f"interrupted ({sig.name})"
+        now = _epochs_done(ckpt, 20)
+        assert now > seen, "the rerun started over instead of continuing the saved epochs"
+        seen = now
+    final = subprocess.run([*argv, f"hydra.run.dir={tmp_path / 'run2'}"], capture_output=True, text=True,
+                           env=_env(tmp_path), timeout=300, cwd=tmp_path)
+    assert final.returncode == 0, final.stderr[-1500:]
+    assert json.loads((tmp_path / "run2" / "results.json").read_text())["status"] == "ok"
+    assert json.loads((ckpt / "manifest.json").read_text())["complete"]
