@@ -106,3 +106,11 @@ def write_results(
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+def write_failure(output_dir: str | Path, job: str, config: Mapping[str, Any], error: str) -> Path | None:
+    """Record a job that failed before it wrote ``results.json`` itself (refused by its checks), so a
+    sweep's report lists it as failed; a record already there is kept. Returns the path written, if any."""
+    if (Path(output_dir) / FILENAME).is_file():
+        return None
+    return write_results(output_dir, job, {}, config, 0.0, status="failed", error=error)

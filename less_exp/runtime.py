@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from less_exp import models
 from less_exp.errors import ConfigError, LessError, NonFiniteError
 from less_exp.guards import check_metrics
-from less_exp.results import FILENAME, write_results
+from less_exp.results import FILENAME, write_failure, write_results
 from less_exp.tracking import job_tracker
 
 
@@ -164,6 +165,17 @@ def run_cli(prog: str, work, cfg: DictConfig):
         if not _in_sweep():
             sys.exit(err.exit_code)
         _SWEEP_FAILURES.append(err.exit_code)
+        _record_sweep_failure(prog, cfg, err)
+
+
+def _record_sweep_failure(prog: str, cfg: DictConfig, err: LessError) -> None:
+    """The failed point's folder gets ``results.json`` status failed with the reason (when its checks
+    refused it before :class:`Job` wrote one)."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except (OmegaConfBaseException, ValueError):  # a point refused for its values may not resolve; its overrides as given still say which
+        config = OmegaConf.to_container(cfg, resolve=False)
+    write_failure(cfg.paths.output_dir, prog.removeprefix("less-"), config, str(err))
 
 
 _SWEEP_FAILURES: list[int] = []

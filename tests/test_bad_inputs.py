@@ -222,3 +222,20 @@ def test_sigterm_and_sigint_end_in_one_line_and_a_rerun_resumes(tmp_path):
     assert final.returncode == 0, final.stderr[-1500:]
     assert json.loads((tmp_path / "run2" / "results.json").read_text())["status"] == "ok"
     assert json.loads((ckpt / "manifest.json").read_text())["complete"]
+
+
+def test_a_bad_point_of_a_sweep_leaves_a_failed_record_that_the_report_lists(tmp_path):
+    sweep = tmp_path / "sweep"
+    argv = [str(BIN / "less-eval"), "-m", *EVAL[1:], *H2O[:2], "policy.heavy=8,-1", "task.seq_len=64",
+            "task.max_windows=1", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env(tmp_path), timeout=300, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert done.stderr.strip().splitlines()[-1] == "less-eval: error: policy=h2o: policy.heavy must be >= 0, got -1"
+    records = {path.parent.name.split("_")[0]: json.loads(path.read_text()) for path in sweep.glob("*/results.json")}
+    assert set(records) == {"0", "1"}
+    assert records["0"]["status"] == "ok"
+    assert records["1"]["status"] == "failed" and "policy.heavy must be >= 0" in records["1"]["error"]
+    report = subprocess.run([str(BIN / "less-report"), str(sweep)], capture_output=True, text=True, env=_env(tmp_path),
+                            timeout=300, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-1500:]
+    assert "failed runs: 1" in report.stdout.strip().splitlines()[-1]

@@ -55,8 +55,10 @@ def test_a_failed_job_does_not_stop_the_rest_of_its_sweep(tmp_path):
     proc = _start(["-m", *TINY, f"hydra.sweep.dir={sweep}", "policy=sink", "policy.recent=100,8"], tmp_path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "less-eval: error:" in err and "Traceback" not in err
-    (done,) = _results(sweep)
-    assert json.loads(done.read_text())["config"]["policy"]["recent"] == 8
+    records = [json.loads(path.read_text()) for path in _results(sweep)]
+    (done,) = [record for record in records if record["status"] == "ok"]
+    assert done["config"]["policy"]["recent"] == 8
+    assert [record["status"] for record in records].count("failed") == 1  # the bad point's own record
 
 
 def test_a_folder_with_another_configurations_results_is_not_overwritten(compose_config, tmp_path):
