@@ -95,3 +95,44 @@ def _slurm(env, *cmd, check=True):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 or not check, proc.stderr
     return proc.stdout
+
+
+def test_study_runs_as_a_slurm_graph_with_dependencies(slurm_conf, tmp_path):
+    """less-study with hydra/launcher=slurm: the layer ranges as one array, its verify job after it, the
+    evaluations after the verify job (the state's) or at once (the others), the report after them all."""
+    env = {**os.environ, "SLURM_CONF": slurm_conf, "LESS_OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    root = tmp_path / "study"
+    cmd = [
+        sys.executable, "-m", "less_exp.studies.cli", "study=tiny_pipeline", f"root={root}",
+        f"page={tmp_path / 'page.md'}", "logger=none", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
+        "hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ids = dict(re.findall(r"submitted (\S+) as (\S+)", proc.stdout))
+    assert set(ids) == {"layerwise/layers_0", "layerwise/layers_1", "layerwise", "eval/wikitext2/full",
+                        "eval/wikitext2/plain", "eval/wikitext2/baseline_plus", "eval/wikitext2/layerwise", "report"}
+    array = ids["layerwise/layers_0"].split("_")[0]
+    assert ids["layerwise/layers_1"] == f"{array}_1"  # one array for the layer ranges
+
+    scripts = {}  # SLURM job name -> the dependency its sbatch script asked for
+    for script in (root / "slurm").rglob("*.sh"):
+        text = script.read_text()
+        name = re.search(r"#SBATCH --job-name=(\S+)", text).group(1)
+        found = re.search(r"#SBATCH --dependency=afterok:(\S+)", text)
+        scripts[name] = set(found.group(1).split(":")) if found else set()
+
+    def dependency(name):
+        return scripts["less-layerwise-layers" if name.startswith("layerwise/layers_") else "less-" + name.replace("/", "-")]
+
+    assert dependency("layerwise/layers_0") == set()
+    assert dependency("layerwise") == {ids["layerwise/layers_0"], ids["layerwise/layers_1"]}
+    assert dependency("eval/wikitext2/layerwise") == {ids["layerwise"]} and dependency("eval/wikitext2/plain") == set()
+    assert dependency("report") == {ids[f"eval/wikitext2/{m}"] for m in ("full", "plain", "baseline_plus", "layerwise")}
+    for name in ids:
+        assert (root / name / "study.json").is_file(), name
+    assert json.loads((root / "eval/wikitext2/layerwise/results.json").read_text())["status"] == "ok"
+    assert "eval/wikitext2/layerwise" in (tmp_path / "page.md").read_text()
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "8 jobs, 8 complete" in rerun.stdout and "submitted" not in rerun.stdout

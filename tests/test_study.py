@@ -56,6 +56,8 @@ def test_plan_chains_stages_and_fans_out_evaluations(tmp_path):
     assert by["eval/ppl/state"].needs == ["b"] and f"checkpoint='{tmp_path / 'b' / 'checkpoint'}'" in by["eval/ppl/state"].overrides
     assert by["eval/ppl/plain"].needs == [] and "++logger.group=g" in by["eval/ppl/plain"].overrides
     assert by["report"].needs == ["eval/ppl/plain", "eval/ppl/state"]
+    only = planning.plan(_study(evaluations={"ppl": {"overrides": ["task=perplexity"], "methods": ["state"]}}), tmp_path)
+    assert [j.name for j in only if j.kind == "eval"] == ["eval/ppl/state"]
     # every job comes after what it needs
     order = {j.name: i for i, j in enumerate(jobs)}
     assert all(order[n] < order[j.name] for j in jobs for n in j.needs)
@@ -70,6 +72,7 @@ def test_plan_chains_stages_and_fans_out_evaluations(tmp_path):
     ({"stages": [{"name": "a", "overides": []}]}, "unknown key"),
     ({"stages": [{"name": "a"}, {"name": "a"}]}, "two stages are named a"),
     ({"evaluations": {"ppl": "task=perplexity"}}, "must be a list of overrides"),
+    ({"evaluations": {"ppl": {"overrides": ["task=perplexity"], "methods": ["nope"]}}}, "which are not methods"),
     ({"name": "a b"}, "study.name"),
     ({"colour": 1}, "unknown key"),
 ])
@@ -81,6 +84,7 @@ def test_plan_refuses_a_malformed_study_in_one_line(tmp_path, changes, message):
 
 def test_tiny_study_runs_reports_logs_to_one_group_and_a_rerun_skips_everything(compose_config, tmp_path, monkeypatch,
                                                                                  one_thread):
+    monkeypatch.setattr("less_exp.version.code_version", lambda: "v1")  # the tree may change while a test runs
     cfg = study_config(compose_config, tmp_path, "logger=wandb")
     assert cli.study(cfg) == 0
     root = tmp_path / "study"
@@ -108,6 +112,20 @@ def test_tiny_study_runs_reports_logs_to_one_group_and_a_rerun_skips_everything(
     assert state["config"]["axis/feature_map"] == "less_mlp" and "policy:sink" in state["tags"]
     assert runs["eval/wikitext2/full"]["config"]["axis/policy"] == "full"
     assert "perplexity" in state["summary"]
+
+    # a job is stale when its resolved config changes (an edited preset), even with the same overrides
+    job = planning.by_name(planning.plan(cfg.study, root, group=STUDY, logger="wandb"))["layerwise/layers_0"]
+    assert execute.is_complete(job, "v1")
+    compose = execute.compose
+
+    def edited(j):
+        changed = compose(j)
+        changed.training.lr = 0.5
+        return changed
+
+    monkeypatch.setattr(execute, "compose", edited)
+    assert not execute.is_complete(job, "v1")
+    monkeypatch.setattr(execute, "compose", compose)
 
     # a rerun with the same code finds every job complete and runs none
     def refuse(*args, **kwargs):

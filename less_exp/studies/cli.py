@@ -66,7 +66,7 @@ def study(cfg: DictConfig) -> int:
         print(f"  submitted {name} as {job_id}")
     if not cfg.wait or not ids:
         return 0
-    states = slurm.wait(ids, folder)
+    states = slurm.wait(ids, jobs, version)
     for name, state in states.items():
         print(f"  {name}: {state}")
     bad = [name for name, state in states.items() if not state.startswith("COMPLETED")]

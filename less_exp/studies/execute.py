@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from less_exp import checkpoints, paths
 from less_exp.errors import ConfigError
 from less_exp.results import FILENAME
+from less_exp.runtime import BOOKKEEPING
 from less_exp.studies.plan import Job
 
 MARKER = "study.json"
@@ -32,10 +33,18 @@ def _read_json(path: Path) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
+def job_key(job: Job, code_version: str) -> str:
+    """A train or eval job's key over its resolved config (so an edited preset makes it stale too)."""
+    if job.config_name is None:
+        return job.key(code_version)
+    config = OmegaConf.to_container(compose(job), resolve=True)
+    return job.key(code_version, {k: v for k, v in config.items() if k not in BOOKKEEPING})
+
+
 def is_complete(job: Job, code_version: str) -> bool:
     """Finished before with the same key, and (train, eval) its ``results.json`` says ok."""
     marker = _read_json(job.folder / MARKER)
-    if not marker or marker.get("key") != job.key(code_version):
+    if not marker or marker.get("key") != job_key(job, code_version):
         return False
     if job.kind in ("train", "eval"):
         results = _read_json(job.folder / FILENAME)
@@ -46,7 +55,7 @@ def is_complete(job: Job, code_version: str) -> bool:
 def _mark(job: Job, code_version: str, wall_s: float) -> None:
     job.folder.mkdir(parents=True, exist_ok=True)
     tmp = job.folder / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"job": job.name, "kind": job.kind, "key": job.key(code_version),
+    tmp.write_text(json.dumps({"job": job.name, "kind": job.kind, "key": job_key(job, code_version),
                                "code_version": code_version, "wall_s": round(wall_s, 1),
                                "overrides": job.overrides}, indent=2) + "\n")
     tmp.replace(job.folder / MARKER)

@@ -7,7 +7,8 @@ A study (``conf/study/<name>.yaml``) names
   (``init_from``), blending toward one (``toward``), and split into layer ranges (``layer_ranges``, a
   SLURM array whose parts write one checkpoint, followed by a job that verifies it is whole);
 - ``methods``: the comparison set, each a list of overrides and optionally a stage's ``checkpoint``;
-- ``evaluations``: tasks x data sets, each a list of overrides; every method runs every evaluation.
+- ``evaluations``: tasks x data sets, each a list of overrides (every method runs it) or a mapping of
+  ``overrides`` and the ``methods`` that run it.
 
 Each job is an ordinary train or eval config with its own folder under the study's root, so resume,
 refusals and ``less-report`` work on it unchanged.
@@ -29,6 +30,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 KINDS = ("train", "verify", "eval", "report")
 STAGE_KEYS = {"name", "overrides", "init_from", "toward", "layer_ranges", "about"}
 METHOD_KEYS = {"overrides", "checkpoint", "about"}
+EVALUATION_KEYS = {"overrides", "methods", "about"}
 STUDY_KEYS = {"name", "about", "time", "setup", "stages", "methods", "evaluations", "page", "command"}
 
 
@@ -45,14 +47,18 @@ class Job:
     expected_ranges: list[tuple[int, int | None]] = field(default_factory=list)
     report: dict = field(default_factory=dict)  # report: the arguments of less_exp.report.write_page
 
-    def key(self, code_version: str) -> str:
-        """What decides the job's result: its kind, overrides and the code; equal keys may skip a rerun."""
-        blob = json.dumps([self.kind, self.overrides, [list(r) for r in self.expected_ranges], code_version])
+    def key(self, code_version: str, config: dict | None = None) -> str:
+        """What decides the job's result: its kind, its resolved config (else its overrides) and the code;
+        equal keys may skip a rerun."""
+        what = config if config is not None else self.overrides
+        blob = json.dumps([self.kind, what, [list(r) for r in self.expected_ranges], code_version], sort_keys=True,
+                          default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
-    def config_name(self) -> str:
-        return "train" if self.kind == "train" else "eval"
+    def config_name(self) -> str | None:
+        """The job config a train or eval job composes (``conf/train.yaml``, ``conf/eval.yaml``)."""
+        return {"train": "train", "eval": "eval"}.get(self.kind)
 
 
 def merge_overrides(*groups) -> list[str]:
@@ -154,8 +160,18 @@ def plan(study: DictConfig, root: Path, group: str | None = None, logger: str | 
     evals = []
     for eval_name, eval_overrides in evaluations.items():
         _check_name(eval_name, f"study={name}: evaluations key")
+        chosen = list(methods)
+        if isinstance(eval_overrides, DictConfig):
+            what = f"study={name}: evaluations.{eval_name}"
+            _unknown(eval_overrides, EVALUATION_KEYS, what)
+            if eval_overrides.get("methods") is not None:
+                chosen = _list(eval_overrides.methods, f"{what}.methods")
+                unknown = [m for m in chosen if m not in methods]
+                if unknown:
+                    raise ConfigError(f"{what}.methods names {unknown}, which are not methods ({', '.join(methods)})")
+            eval_overrides = eval_overrides.get("overrides")
         eval_overrides = _list(eval_overrides, f"study={name}: evaluations.{eval_name}")
-        for method_name, method in methods.items():
+        for method_name, method in ((m, methods[m]) for m in chosen):
             _check_name(method_name, f"study={name}: methods key")
             what = f"study={name}: methods.{method_name}"
             if not isinstance(method, DictConfig):
