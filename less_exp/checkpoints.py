@@ -93,6 +93,40 @@ def _locked(root: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+_CLAIMS: dict[Path, int] = {}
+
+
+def claim_layers(root: Path, layers) -> None:
+    """Lock each layer this job trains into ``root`` (``.locks/layer_NNN``, fcntl) until :func:`release_claims`
+    or the process ends: a job that would train a layer another less-train holds is refused in one line naming
+    that process, while jobs over disjoint layer ranges share the folder (a SLURM array's layer ranges)."""
+    taken = []
+    for layer in layers:
+        path = Path(root) / ".locks" / f"layer_{layer:03d}"
+        if path in _CLAIMS:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            for fd_taken in [fd, *(_CLAIMS.pop(t) for t in taken)]:
+                os.close(fd_taken)
+            raise ConfigError(f"checkpoint={root} is being trained by another less-train (pid {holder}, layer {layer}); "
+                              "wait for it or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _CLAIMS[path] = fd
+        taken.append(path)
+
+
+def release_claims() -> None:
+    """Release every layer :func:`claim_layers` holds (the job that trained them has ended)."""
+    while _CLAIMS:
+        os.close(_CLAIMS.popitem()[1])
+
+
 def _retrain(root: Path, path: Path) -> str:
     return f"retrain that layer: delete {path.name} and rerun less-train with checkpoint={root}"
 

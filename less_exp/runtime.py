@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from less_exp import models
+from less_exp import checkpoints, models
 from less_exp.errors import ConfigError, LessError, NonFiniteError
 from less_exp.guards import check_metrics
 from less_exp.results import FILENAME, write_failure, write_results
@@ -120,6 +120,7 @@ class Job:
     def __exit__(self, exc_type, exc, tb) -> None:
         if isinstance(exc, KeyboardInterrupt) and not self.finished:
             self.fail(f"interrupted ({_signal_name(exc)})")
+        checkpoints.release_claims()
         self.tracker.__exit__(exc_type, exc, tb)
 
     def finish(self, metrics: dict) -> Path:

@@ -239,3 +239,37 @@ def test_a_bad_point_of_a_sweep_leaves_a_failed_record_that_the_report_lists(tmp
                             timeout=300, cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-1500:]
     assert "failed runs: 1" in report.stdout.strip().splitlines()[-1]
+
+
+def test_a_checkpoint_folder_is_trained_by_one_less_train_per_layer(tmp_path):
+    import signal
+
+    ckpt = tmp_path / "ckpt"
+    argv = [str(BIN / LONG_TRAIN[0]), *LONG_TRAIN[1:], f"checkpoint={ckpt}"]
+    first = subprocess.Popen([*argv, "training.epochs=2000", f"hydra.run.dir={tmp_path / 'first'}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while first.poll() is None and time.monotonic() < deadline and not _epochs_done(ckpt, 20):
+            time.sleep(0.05)
+        second = subprocess.run([*argv, "training.from_layer=1", f"hydra.run.dir={tmp_path / 'second'}"],
+                                capture_output=True, text=True, env=_env(tmp_path), timeout=120, cwd=tmp_path)
+        assert first.poll() is None, "the first training ended before the second started"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-1500:]
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"less-train: error: checkpoint={ckpt} is being trained by another less-train (pid {first.pid}, layer 1); "
+        "wait for it or use another folder")
+
+    shared = tmp_path / "shared"
+    ranges = [["training.from_layer=0", "training.to_layer=1"], ["training.from_layer=1"]]
+    procs = [subprocess.Popen([str(BIN / LONG_TRAIN[0]), *LONG_TRAIN[1:], f"checkpoint={shared}", *layers,
+                               f"hydra.run.dir={tmp_path / f'range{i}'}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=tmp_path)
+             for i, layers in enumerate(ranges)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-1500:]
+    assert json.loads((shared / "manifest.json").read_text())["layers_done"] == [0, 1]

@@ -114,6 +114,7 @@ def run(cfg: DictConfig, model: torch.nn.Module, tokenizer, tracker: Tracker, ou
     plus_budget = plus.budget(length=t.seq_len, max_positions=max_positions, state_tokens=states.token_equivalents())
     root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
     head = checkpoints.header(cfg, model, states, budget)
+    checkpoints.claim_layers(root, layers)
     checkpoints.open_for_training(root, head)
     done = checkpoints.done_layers(root)
     todo = [layer for layer in layers if layer not in done]

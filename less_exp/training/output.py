@@ -113,6 +113,7 @@ def open_job(cfg: DictConfig, model: torch.nn.Module, out_dir: Path, **settings)
         checkpoints.load_into(states, init, manifest, model=model)
         print(f"less-train: starting from the {manifest['training']['mode']} states in {init}")
     root = Path(cfg.checkpoint) if cfg.get("checkpoint") else Path(out_dir) / "checkpoint"
+    checkpoints.claim_layers(root, range(len(states)))
     checkpoints.open_for_training(root, head)
     return states, head, root
 
