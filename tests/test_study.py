@@ -192,3 +192,18 @@ def test_killed_study_continues_where_it_stopped(tmp_path):
         assert f"] train {name}" not in out and f"] eval {name}" not in out
     for name in JOBS:
         assert (tmp_path / "study" / name / execute.MARKER).is_file(), name
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "choose a study: less-study study=<name> ("),
+    ([f"study={STUDY}", "parallel=x"], "parallel='x' must be a whole number"),
+    ([f"study={STUDY}", "parallel=0"], "parallel=0 must be a whole number"),
+    (["study=nope"], "Could not find 'study/nope'"),
+])
+def test_less_study_refuses_a_bad_command_line_in_one_line(tmp_path, args, message):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LESS_OUTPUT_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "less_exp.studies.cli", *args, "logger=none"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob(execute.MARKER))

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from less_exp import paths, runtime
+from less_exp.errors import ConfigError
 from less_exp.studies import execute, local, plan as planning
 
 PROG = "less-study"
@@ -40,6 +41,9 @@ def study(cfg: DictConfig) -> int:
     """Plan the study, list its jobs, then run the incomplete ones here or submit them to SLURM."""
     from less_exp.version import code_version
 
+    parallel = cfg.parallel
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"parallel={parallel!r} must be a whole number of jobs side by side, at least 1")
     jobs = planning.plan(cfg.study, Path(cfg.root), group=cfg.group, logger=cfg.logger.name, page=Path(cfg.page),
                          command=command())
     version = code_version()
@@ -53,7 +57,7 @@ def study(cfg: DictConfig) -> int:
     launcher = _launcher()
     if launcher is None:
         started = time.perf_counter()
-        code = local.run(jobs, version, done, parallel=int(cfg.parallel), log=lambda line: print(f"{PROG}: {line}", flush=True))
+        code = local.run(jobs, version, done, parallel=parallel, log=lambda line: print(f"{PROG}: {line}", flush=True))
         if not code:
             print(f"{PROG}: study {cfg.study.name} complete in {(time.perf_counter() - started) / 60:.1f} min; page {cfg.page}")
         return code
@@ -86,7 +90,11 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """The ``less-study`` console script."""
+    """The ``less-study`` console script; without ``study=`` it lists the studies in one line."""
+    if not any(arg.split("=", 1)[0].lstrip("+") == "study" for arg in sys.argv[1:]):
+        names = sorted(p.stem for p in (Path(paths.conf_dir()) / "study").glob("*.yaml"))
+        print(f"{PROG}: error: choose a study: less-study study=<name> ({', '.join(names)})", file=sys.stderr)
+        sys.exit(2)
     runtime.cli(PROG, "study", main)
 
 
