@@ -199,6 +199,7 @@ def _interrupt(argv: list[str], tmp: Path, ckpt: Path, sig, until) -> subprocess
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
+@pytest.mark.slow  # three trainings, about 40 s: kept out of CI's budget
 def test_sigterm_and_sigint_end_in_one_line_and_a_rerun_resumes(tmp_path):
     import signal
 
@@ -241,6 +242,7 @@ def test_a_bad_point_of_a_sweep_leaves_a_failed_record_that_the_report_lists(tmp
     assert "failed runs: 1" in report.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # four trainings, about 35 s: kept out of CI's budget
 def test_a_checkpoint_folder_is_trained_by_one_less_train_per_layer(tmp_path):
     import signal
 

@@ -172,6 +172,7 @@ def _less_study(tmp_path, *args, **kwargs):
                             start_new_session=True, **kwargs)
 
 
+@pytest.mark.slow  # two less-study processes, about 45 s: kept out of CI's budget
 def test_killed_study_continues_where_it_stopped(tmp_path):
     proc = _less_study(tmp_path, "parallel=2")
     marker = tmp_path / "study" / "layerwise" / "layers_0" / execute.MARKER

@@ -20,11 +20,14 @@ def study_config(name: str, root: Path):
         return compose("study", overrides=[f"study={name}", f"root={root}", f"page={root / 'page.md'}", "logger=none"])
 
 
+LARGE = {"feature_maps", "gating", "train_modes"}  # over 100 jobs between them: composed in the slow suite
+
+
 def test_presets_are_found():
     assert {"sink_generation", "tiny_pipeline"} <= set(PRESETS)
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in PRESETS])
 def test_preset_plans_and_every_job_composes(name, tmp_path):
     cfg = study_config(name, tmp_path)
     assert cfg.study.name == name, f"conf/study/{name}.yaml names itself {cfg.study.name}"
