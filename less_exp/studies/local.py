@@ -74,8 +74,8 @@ def run(jobs: list[Job], code_version: str, done: set[str], parallel: int = 1, l
     threads = max(1, (os.cpu_count() or 1) // parallel)
     pending = {job.name: job for job in todo}
     count = 0
-    with ProcessPoolExecutor(parallel, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(parallel, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(threads,))
+    try:
         running = {}
         while pending or running:
             for name, job in list(pending.items()):
@@ -100,4 +100,10 @@ def run(jobs: list[Job], code_version: str, done: set[str], parallel: int = 1, l
                 else:
                     print(f"less-study: error: {name}: {error}", file=sys.stderr)
                     failed[name] = code
+    except BaseException:  # Ctrl-C, SIGTERM: end the running jobs now (they resume on a rerun), do not wait for them
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return next(iter(failed.values()), 0)
