@@ -108,6 +108,16 @@ def write_results(
     return target
 
 
+def read_record(path: str | Path) -> dict | None:
+    """A JSON object written by a job (``results.json``, a study's marker), or None when the file is
+    missing, unreadable or not an object."""
+    try:
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def write_failure(output_dir: str | Path, job: str, config: Mapping[str, Any], error: str) -> Path | None:
     """Record a job that failed before it wrote ``results.json`` itself (refused by its checks), so a
     sweep's report lists it as failed; a record already there is kept. Returns the path written, if any."""

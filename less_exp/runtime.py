@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from less_exp import checkpoints, models
 from less_exp.errors import ConfigError, LessError, NonFiniteError
 from less_exp.guards import check_metrics
-from less_exp.results import FILENAME, write_failure, write_results
+from less_exp.results import FILENAME, read_record, write_failure, write_results
 from less_exp.tracking import job_tracker
 
 
@@ -77,12 +76,7 @@ def refuse_foreign_results(out_dir: Path, job: str, config: dict) -> None:
     path = out_dir / FILENAME
     if not path.is_file():
         return
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        found = {}
-    if not isinstance(found, dict):
-        found = {}
+    found = read_record(path) or {}
     old = {k: v for k, v in (found.get("config") or {}).items() if k not in BOOKKEEPING}
     new = {k: v for k, v in config.items() if k not in BOOKKEEPING}
     differ = sorted(_differences(old, new))

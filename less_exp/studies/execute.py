@@ -18,19 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from less_exp import checkpoints, paths
 from less_exp.errors import ConfigError
-from less_exp.results import FILENAME
+from less_exp.results import FILENAME, read_record
 from less_exp.runtime import BOOKKEEPING
 from less_exp.studies.plan import Job
 
 MARKER = "study.json"
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
 
 
 def job_key(job: Job, code_version: str) -> str:
@@ -43,11 +35,11 @@ def job_key(job: Job, code_version: str) -> str:
 
 def is_complete(job: Job, code_version: str) -> bool:
     """Finished before with the same key, and (train, eval) its ``results.json`` says ok."""
-    marker = _read_json(job.folder / MARKER)
+    marker = read_record(job.folder / MARKER)
     if not marker or marker.get("key") != job_key(job, code_version):
         return False
     if job.kind in ("train", "eval"):
-        results = _read_json(job.folder / FILENAME)
+        results = read_record(job.folder / FILENAME)
         return bool(results) and results.get("status") == "ok"
     return True
 
