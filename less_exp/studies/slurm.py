@@ -87,7 +87,7 @@ def wait(ids: dict[str, str], jobs: list[Job], code_version: str, poll_s: float 
     return {name: "COMPLETED" if execute.is_complete(by[name], code_version) else "FAILED" for name in ids}
 
 
-def check(launcher: DictConfig) -> None:
+def check() -> None:
     """Refuse, before submitting, a machine without ``sbatch``."""
     import shutil
 
