@@ -63,7 +63,7 @@ def study(cfg: DictConfig) -> int:
         return code
     from less_exp.studies import slurm
 
-    slurm.check(launcher)
+    slurm.check()
     folder = Path(cfg.root) / "slurm"
     ids = slurm.submit(jobs, version, launcher, folder)
     for name, job_id in ids.items():
