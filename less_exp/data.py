@@ -83,6 +83,9 @@ def check_available(data_cfg: DictConfig, split: str, mixture: bool = False) -> 
     path = local_file(data_cfg, split)
     if path is not None and path.is_file():
         return
+    if path is not None and path.exists():
+        raise ConfigError(f"data={data_cfg.name} split={split}: {path} is a folder, not a file; "
+                          f"set data.local.files.{split} to a file in it")
     if data_cfg.get("hub") and hub_reachable():
         return
     where = f"no local file {path.resolve()}" if path is not None else "no local file configured"
@@ -267,7 +270,11 @@ def _jsonl(path: Path) -> list[tuple[int, dict]]:
         with path.open(encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 if line.strip():
-                    rows.append((n, json.loads(line)))
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ConfigError(f"{path} line {n} is a JSON {type(row).__name__}, not an object of fields; "
+                                          "each line must be one record {\"field\": ...}")
+                    rows.append((n, row))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} line {n} is not JSON ({err.msg}); fix or remove that line") from None
     except UnicodeDecodeError as err:

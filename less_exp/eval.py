@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from less_exp import checkpoints, factory, paths, presets, runtime, search, tasks
+from less_exp import checkpoints, commandline, factory, paths, presets, runtime, schema, search, tasks
 from less_exp.errors import NonFiniteError
 from less_exp.guards import FiniteGuard
 from less_exp.models import load_model
@@ -23,6 +23,7 @@ def evaluate(cfg: DictConfig, extra: dict | None = None, model_and_tokenizer=Non
     ``extra`` metrics are recorded beside the task's (a train job adds its training time);
     ``model_and_tokenizer`` reuses an already loaded, unmodified model.
     """
+    schema.check(cfg)
     task = tasks.get(cfg.task.get("module") or cfg.task.name)
     runtime.validate(cfg)
     cfg = with_checkpoint_policy(cfg)
@@ -78,7 +79,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The ``less-eval`` console script."""
-    runtime.cli("less-eval", "eval", main)
+    commandline.evaluate()
 
 
 if __name__ == "__main__":

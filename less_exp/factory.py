@@ -18,7 +18,6 @@ from less_exp.adapter import attention_modules, build, compression_of
 from less_exp.errors import ConfigError
 from less_exp.policies import EvictionPolicy, Full
 from less_exp.state import LessState, LessStates
-from less_exp.validation import positive_int
 
 
 def instantiate_component(node: DictConfig, **kwargs):
@@ -34,11 +33,6 @@ def validate(cfg: DictConfig) -> None:
         policy = instantiate_component(cfg.policy)
     except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
         raise ConfigError(f"policy={cfg.policy.get('name')}: {_root_cause(err)}") from err
-    size = cfg.gating.get("chunk_size", 64)
-    if not positive_int(size):
-        raise ConfigError(f"gating.chunk_size={size!r} must be an integer >= 1")
-    if cfg.get("checkpoint_budget", "trained") not in checkpoints.BUDGET_MATCH:
-        raise ConfigError(f"checkpoint_budget={cfg.checkpoint_budget!r} is not one of {checkpoints.BUDGET_MATCH}")
     has_state = cfg.feature_map.get("name", "none") != "none"
     if policy.baseline_plus and not has_state:
         raise ConfigError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
@@ -122,9 +116,40 @@ def _config_state(cfg: DictConfig):
         except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
             raise ConfigError(f"{group}={cfg[group].get('name')}: {_root_cause(err)}") from err
 
-    state = LessState(made("feature_map", fm), made("normalizer", norm), shape["head_dim"], made("reweighting", rw))
-    state.gating = made("gating", gate, state.num_features)
+    def build():
+        state = LessState(made("feature_map", fm), made("normalizer", norm), shape["head_dim"], made("reweighting", rw))
+        state.gating = made("gating", gate, state.num_features)
+        return state
+
+    _check_state_memory(cfg, build, shape)
+    state = build()
     return state if model_shape(cfg.model) is not None else None
+
+
+def _check_state_memory(cfg: DictConfig, build, shape: dict) -> None:
+    """Refuse, with the figure, a state whose tensors alone (float32, every layer) exceed the machine's
+    memory: first by the largest size set (heads x head_dim x that size, which one projection takes),
+    then exactly on torch's meta device, so nothing is allocated to find out."""
+    sizes = {f"{group}.{key}": value for group in ("feature_map", "gating", "reweighting")
+             for key, value in (cfg.get(group) or {}).items()
+             if key in ("features", "hidden", "rank") and isinstance(value, int)}
+    have = available_memory(torch.device("cpu"))
+    per_layer = shape["heads"] * shape["head_dim"] * max(sizes.values(), default=0)  # at least this: one projection
+    if 4 * per_layer * shape["layers"] <= have:
+        try:
+            with torch.device("meta"):
+                state = build()
+            per_layer = sum(t.numel() for t in (*state.parameters(), *state.buffers()))
+        except ConfigError:
+            raise
+        except Exception:  # e.g. a random projection drawn from a CPU generator: the real build reports its errors
+            pass
+    need = 4 * per_layer * shape["layers"]
+    if need > have:
+        settings = ", ".join(f"{k}={v}" for k, v in sizes.items())
+        raise ConfigError(f"the state ({settings}) would need about {need / 2**30:,.1f} GiB for its tensors ({per_layer:,} "
+                          f"numbers a layer x {shape['layers']} layers, float32) but this machine has "
+                          f"{have / 2**30:.1f} GiB; lower those sizes")
 
 
 def describe_state(state: LessState, shape: dict | None) -> str:

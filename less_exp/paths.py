@@ -65,17 +65,29 @@ def unwritable_output(argv: list[str]) -> str | None:
     if not wanted:
         wanted["LESS_OUTPUT_DIR"] = os.environ.get("LESS_OUTPUT_DIR") or str(ROOT_DIR / "outputs")
     for key, value in wanted.items():
-        if "${" in value:
-            continue
-        folder = Path(value).expanduser().absolute()
-        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-        try:
-            if existing is None or not existing.is_dir():
-                raise NotADirectoryError
-            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".less-write-check-"))
-        except OSError as err:
-            reason = err.strerror or "not a folder"
-            return f"{key}={value}: cannot create folders in {existing or folder} ({reason}); choose a writable folder"
+        problem = None if "${" in value else cannot_create(value)
+        if problem:
+            return f"{key}={value}: {problem}"
+    return None
+
+
+def cannot_create(folder: str | Path) -> str | None:
+    """Why ``folder`` (and its missing parents) cannot be created here, in words; None when it can.
+    Checks the deepest existing parent for writing and every part of the name against the file
+    system's limit, without creating anything that stays."""
+    folder = Path(folder).expanduser().absolute()
+    limit = os.pathconf("/", "PC_NAME_MAX")
+    long = next((part for part in folder.parts if len(part.encode()) > limit), None)
+    if long is not None:
+        return f"the folder name {long[:40]}... is longer than the file system's {limit} bytes; choose a shorter one"
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    try:
+        if existing is None or not existing.is_dir():
+            raise NotADirectoryError
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".less-write-check-"))
+    except OSError as err:
+        reason = err.strerror or "not a folder"
+        return f"cannot create folders in {existing or folder} ({reason}); choose a writable folder"
     return None
 
 

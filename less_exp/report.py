@@ -168,6 +168,10 @@ def to_run(record: Mapping[str, Any], name: str) -> ReportRun:
     if not isinstance(metrics, Mapping) or not isinstance(config, Mapping):
         raise ValueError("results.json without metrics or config")
     job = record["job"]
+    spec = spec_of(config, job)
+    headline = metrics.get(spec.headline) if spec.headline else None
+    if record.get("status", "ok") == "ok" and headline is not None and not _is_number(headline):
+        raise ValueError(f"its headline metric {spec.headline}={headline!r} is not a number")
     policy = metrics.get("policy") if job == "eval" and isinstance(metrics.get("policy"), str) else _name(config, "policy")
     state_tokens = metrics.get("state_token_equivalents", 0.0)
     grid = metrics.get("passkey_grid")
@@ -186,7 +190,7 @@ def to_run(record: Mapping[str, Any], name: str) -> ReportRun:
         settings=run_settings(config),
         status=str(record.get("status", "ok")),
         error=None if error is None else str(error),
-        spec=spec_of(config, job),
+        spec=spec,
     )
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from less_exp import checkpoints, models
+from less_exp.commandline import SWEEP_FAILURES, interrupted, signal_name
 from less_exp.errors import ConfigError, LessError, NonFiniteError
 from less_exp.guards import check_metrics
 from less_exp.results import FILENAME, read_record, write_failure, write_results
@@ -25,8 +24,6 @@ from less_exp.tracking import job_tracker
 def validate(cfg: DictConfig) -> None:
     """Cheap checks shared by all jobs: device, seed and the model's availability."""
     resolve_device(cfg.device)
-    if not isinstance(cfg.seed, int):
-        raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     models.check_available(cfg.model)
 
 
@@ -113,7 +110,7 @@ class Job:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if isinstance(exc, KeyboardInterrupt) and not self.finished:
-            self.fail(f"interrupted ({_signal_name(exc)})")
+            self.fail(f"interrupted ({signal_name(exc)})")
         checkpoints.release_claims()
         self.tracker.__exit__(exc_type, exc, tb)
 
@@ -152,14 +149,14 @@ def run_cli(prog: str, work, cfg: DictConfig):
     try:
         return work(cfg)
     except KeyboardInterrupt as err:
-        _interrupted(prog, err, resume_hint(cfg))
+        interrupted(prog, err, resume_hint(cfg))
     except LessError as err:
         if os.environ.get("LESS_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         if not _in_sweep():
             sys.exit(err.exit_code)
-        _SWEEP_FAILURES.append(err.exit_code)
+        SWEEP_FAILURES.append(err.exit_code)
         _record_sweep_failure(prog, cfg, err)
 
 
@@ -173,39 +170,12 @@ def _record_sweep_failure(prog: str, cfg: DictConfig, err: LessError) -> None:
     write_failure(cfg.paths.output_dir, prog.removeprefix("less-"), config, str(err))
 
 
-_SWEEP_FAILURES: list[int] = []
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised where the job is so that it unwinds (its ``results.json`` says failed,
-    trackers close) and ends in one line with exit code 128 + the signal's number."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _on_signal(signum, frame) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)  # a second signal ends the process at once
-    raise Interrupted(signum)
-
-
-def _signal_name(err: KeyboardInterrupt) -> str:
-    return signal.Signals(getattr(err, "signum", signal.SIGINT)).name
-
-
 def resume_hint(cfg: DictConfig) -> str:
     """How to continue an interrupted job: the same command, or for a training into its own run folder,
     the same command with that folder's checkpoint."""
     if cfg.get("training") is not None and not cfg.get("checkpoint"):
         return f"rerun with checkpoint={Path(cfg.paths.output_dir) / 'checkpoint'} to resume"
     return "rerun the same command to resume"
-
-
-def _interrupted(prog: str, err: KeyboardInterrupt, hint: str = "rerun the same command to resume") -> None:
-    print(f"{prog}: interrupted ({_signal_name(err)}); {hint}", file=sys.stderr)
-    sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
 
 
 def _in_sweep() -> bool:
@@ -215,98 +185,3 @@ def _in_sweep() -> bool:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False
     return "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", ""))  # jobs share this process
-
-
-def compose_error(config_name: str, argv: list[str]) -> str | None:
-    """What is wrong with the command line's overrides (an unknown group option or key, bad syntax,
-    a missing value), found by composing the config once before Hydra runs; None when it composes.
-    Sweeps (``-m``) and Hydra's own options are left to Hydra."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from less_exp.paths import conf_dir
-
-    if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
-        return None
-    try:
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3", job_name=config_name):
-            cfg = compose(config_name, overrides=list(argv), return_hydra_config=True)
-            OmegaConf.to_container(cfg.get("paths", {}), resolve=False)
-            return unknown_added_key(config_name, list(argv))
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        options = [line for line in lines[1:] if not line.startswith(("Config search path", "provider="))]
-        head = lines[0] if lines else type(err).__name__
-        if "Available options" in " ".join(options):
-            index = next(i for i, line in enumerate(options) if line.startswith("Available options"))
-            head += f" ({options[index].rstrip(':').lower()}: {', '.join(options[index + 1:])})"
-        elif len(lines) > 1 and not lines[1].startswith("full_key"):
-            head += f" ({lines[1]})"
-        return head
-
-
-# mappings whose entries the user names: a `+` key under them adds an entry, it is not a typo
-OPEN_MAPPINGS = ("model.config", "study.methods", "study.evaluations")
-_ABSENT = object()
-
-
-def unknown_added_key(config_name: str, argv: list[str]) -> str | None:
-    """The first ``+key=value`` of ``argv`` that adds a key unknown to the config composed without the
-    ``+`` keys, as one line naming the closest known key; None when every ``+`` key is legitimate.
-
-    The rule: walk up from the key to its deepest ancestor that the config has; when that ancestor is a
-    mapping whose keys are known (any mapping, except Hydra's own and the user-named entries of
-    :data:`OPEN_MAPPINGS` and their insides), the key is a typo or unknown and is refused. ``++key``
-    (a deliberate force-add), ``+group=option`` and ``+group@package=option`` (config groups) pass.
-    Call inside Hydra's ``initialize_config_dir``.
-    """
-    from hydra import compose
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    loader = GlobalHydra.instance().config_loader()
-    added = [o for o in OverridesParser.create().parse_overrides(argv)
-             if o.is_add() and o.package is None and not o.key_or_group.startswith("hydra")
-             and "/" not in o.key_or_group and not loader.get_group_options(o.key_or_group)]
-    if not added:
-        return None
-    lines = {o.input_line for o in added}
-    cfg = compose(config_name, overrides=[a for a in argv if a not in lines])
-    for override in added:
-        key = override.key_or_group
-        parts = key.split(".")
-        depth = len(parts) - 1
-        while depth and OmegaConf.select(cfg, ".".join(parts[:depth]), default=_ABSENT,
-                                         throw_on_resolution_failure=False) is _ABSENT:
-            depth -= 1
-        parent = ".".join(parts[:depth])
-        node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
-        if not isinstance(node, DictConfig) or any(f"{key}.".startswith(f"{m}.") for m in OPEN_MAPPINGS):
-            continue
-        missing, known = parts[depth], [str(k) for k in node.keys()]
-        close = difflib.get_close_matches(missing, known, n=1)
-        where = f"{parent} has no key" if parent else "the config has no top-level key"
-        hint = f"did you mean {'.'.join([*parts[:depth], close[0]])}?" if close else f"known: {', '.join(known[:12])}"
-        return f"{override.input_line}: {where} {missing} ({hint}); set an existing key without '+'"
-    return None
-
-
-def cli(prog: str, config_name: str, main) -> None:
-    """A console script: a bad override or an unwritable output folder is one line (exit code 2),
-    found before Hydra starts; then ``main`` (the Hydra entry point) runs. SIGINT and SIGTERM end it
-    with one line and exit code 130 / 143 (:class:`Interrupted`)."""
-    from less_exp.paths import unwritable_output
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
-    try:
-        problem = compose_error(config_name, sys.argv[1:]) or unwritable_output(sys.argv[1:])
-        if problem:
-            print(f"{prog}: error: {problem}", file=sys.stderr)
-            sys.exit(2)
-        main()
-    except KeyboardInterrupt as err:
-        _interrupted(prog, err)
-    if _SWEEP_FAILURES:
-        sys.exit(_SWEEP_FAILURES[0])

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from huggingface_hub.errors import StrictDataclassError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from less_exp.errors import ConfigError
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 
@@ -55,19 +58,23 @@ def build_tiny(model_cfg: DictConfig, dtype: torch.dtype) -> tuple[PreTrainedMod
     """A randomly initialised model of family ``model_cfg.model_type``, seeded by ``model_cfg.seed``."""
     tokenizer = byte_tokenizer()
     overrides = OmegaConf.to_container(model_cfg.config, resolve=True)
-    config = AutoConfig.for_model(
-        model_cfg.model_type,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
-    )
-    if config.vocab_size < len(tokenizer):
-        raise ValueError(f"model.config.vocab_size must be at least {len(tokenizer)} for the byte tokenizer")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(int(model_cfg.seed))
     try:
+        config = AutoConfig.for_model(
+            model_cfg.model_type,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **overrides,
+        )
+        if config.vocab_size < len(tokenizer):
+            raise ValueError(f"model.config.vocab_size must be at least {len(tokenizer)} for the byte tokenizer")
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    except (ValueError, TypeError, KeyError, RuntimeError, StrictDataclassError) as err:
+        cause = " ".join(str(err.__cause__ or err).split())
+        raise ConfigError(f"model={model_cfg.name}: its model.config makes no valid {model_cfg.model_type} model "
+                          f"({cause[:300]}); fix the model.config override") from None
     finally:
         torch.random.set_rng_state(generator_state)
     return model, tokenizer

@@ -75,7 +75,18 @@ class WandbTracker(Tracker):
         self._wandb = wandb
         self._headline = tuple(headline)
         axes = dict(axes or {})
-        self._run = wandb.init(
+        try:
+            self._run = self._init(wandb, logger_cfg, config, output_dir, job, run_name, axes, group)
+        except (wandb.errors.Error, ValueError, OSError) as err:
+            message = " ".join(str(err).split()) or type(err).__name__
+            raise ConfigError(f"logger=wandb (mode={logger_cfg.get('mode')}, project={logger_cfg.get('project')}): W&B "
+                              f"refused the run: {message[:300]}; fix the logger settings, run `wandb login`, or use "
+                              "logger.mode=offline (or logger=none)") from None
+        self.run_dir = Path(self._run.dir).parent
+
+    @staticmethod
+    def _init(wandb, logger_cfg, config, output_dir, job, run_name, axes, group):
+        return wandb.init(
             project=logger_cfg.project,
             entity=logger_cfg.get("entity"),
             group=logger_cfg.get("group") or group,
@@ -88,7 +99,6 @@ class WandbTracker(Tracker):
             config={**config, **{AXIS_PREFIX + k: v for k, v in axes.items()}},
             settings=wandb.Settings(silent=True),
         )
-        self.run_dir = Path(self._run.dir).parent
 
     def log(self, metrics, step=None):
         self._run.log(dict(metrics), step=step)

@@ -12,7 +12,7 @@ import time
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from less_exp import factory, paths, runtime, search, tasks, training
+from less_exp import commandline, factory, paths, runtime, schema, search, tasks, training
 from less_exp.errors import NonFiniteError
 from less_exp.eval import evaluate
 from less_exp.models import load_model
@@ -25,6 +25,7 @@ def train(cfg: DictConfig) -> dict:
 
     With ``task=`` the trained states are then evaluated on it in the same job (:func:`evaluate_trained`).
     """
+    schema.check(cfg)
     mode = training.get(cfg.training.mode)
     runtime.validate(cfg)
     factory.validate(cfg)
@@ -70,7 +71,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The ``less-train`` console script."""
-    runtime.cli("less-train", "train", main)
+    commandline.train()
 
 
 if __name__ == "__main__":

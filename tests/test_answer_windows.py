@@ -193,7 +193,7 @@ def test_e2e_on_answer_windows_lowers_the_answer_tokens_kl(compose_config, tmp_p
     ("data.answers.max_new_tokens=60", r"min_doc_tokens \+ max_new_tokens = 68 leave no room in training\.seq_len=64"),
     ("data.answers.weight=0", r"data\.answers\.weight=0 must be a number > 0"),
     ("data.answers.student_share=2", r"data\.answers\.student_share=2 must be a number in \[0, 1\]"),
-    ("data.answers.max_repetition=1.5", r"data\.answers\.max_repetition=1\.5 must be a share in \[0, 1\] or null"),
+    ("data.answers.max_repetition=1.5", r"data\.answers\.max_repetition=1\.5 must be a number in \[0, 1\] or null"),
     ("data.answers.drop_unfinished=maybe", r"data\.answers\.drop_unfinished='maybe' must be true or false"),
 ])
 def test_bad_answer_settings_are_refused_before_the_model_loads(compose_config, override, message, monkeypatch):

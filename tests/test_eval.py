@@ -73,10 +73,10 @@ def test_bad_values_fail_before_loading(compose_config, monkeypatch, override, m
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["task.max_windows=0"], "task.max_windows=0 must be a positive integer or null (all windows)"),
-        (["task=xsum", "task.num_samples=-3"], "task.num_samples=-3 must be a positive integer or null (every record)"),
-        (["task=xsum", "task.min_prompt_tokens=true"], "task.min_prompt_tokens=True must be a positive integer or null (every prompt)"),
-        (["task=harness", "task.limit=2.5"], "task.limit=2.5 must be a positive integer or null (every document)"),
+        (["task.max_windows=0"], "task.max_windows=0 must be a positive integer or null (null: every window)"),
+        (["task=xsum", "task.num_samples=-3"], "task.num_samples=-3 must be a positive integer or null (null: every record)"),
+        (["task=xsum", "task.min_prompt_tokens=true"], "task.min_prompt_tokens=True must be a positive integer or null (null: every prompt)"),
+        (["task=harness", "task.limit=2.5"], "task.limit=2.5 must be a positive integer or null (null: every document)"),
     ],
 )
 def test_counts_that_may_be_null_say_what_null_means(compose_config, monkeypatch, overrides, message):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from less_exp import factory
+from less_exp import factory, schema
 from less_exp.adapter import LessCache, build, cache_kwargs
 from less_exp.errors import ConfigError
 from less_exp.ops import attention_logits, gather_stream, sparse_attention, stream_positions
@@ -305,15 +305,17 @@ def stream_8k_tokens(model, states) -> LessCache:
     (["feature_map=taylor", "feature_map.features=2", "policy=sink"], "feature_map=taylor: features=2 is too small"),
     (["feature_map=dijiang", "feature_map.features=65", "policy=sink"], "feature_map=dijiang: features=65 must be between 1 and head_dim=64"),
     (["feature_map=hedgehog", "feature_map.features=7", "policy=sink"], "feature_map=hedgehog: features=7 must be even"),
-    (["feature_map=performer", "feature_map.features=0", "policy=sink"], "features=0 must be >= 1"),
+    (["feature_map=performer", "feature_map.features=0", "policy=sink"], "feature_map.features=0 must be a positive integer"),
     (["feature_map=elu1", "reweighting=cosformer", "reweighting.horizon=512", "policy=sink"],
      "reweighting.horizon=512 is shorter than task.seq_len=1024"),
-    (["feature_map=elu1", "normalizer=norm", "normalizer.eps=0", "policy=sink"], "normalizer=norm: eps=0"),
-    (["feature_map=elu1", "reweighting=leapformer", "reweighting.hidden=x", "policy=sink"], "reweighting=leapformer: hidden='x'"),
+    (["feature_map=elu1", "normalizer=norm", "normalizer.eps=0", "policy=sink"], "normalizer.eps=0 must be a number in (0, 1]"),
+    (["feature_map=elu1", "reweighting=leapformer", "reweighting.hidden=x", "policy=sink"], "reweighting.hidden='x' must be a positive integer"),
 ])
 def test_senseless_settings_fail_at_config_time(compose_config, overrides, match):
+    cfg = compose_config("eval", overrides)
     with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")):
-        factory.validate(compose_config("eval", overrides))
+        schema.check(cfg)
+        factory.validate(cfg)
 
 
 def test_sizes_are_printed_before_the_model_loads(compose_config, capsys):

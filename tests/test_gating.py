@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from less_exp import factory
+from less_exp import factory, schema
 from less_exp.adapter import build
 from less_exp.errors import ConfigError
 from less_exp.ops import attention_logits, gather_stream, sparse_attention, stream_log_weights, stream_positions
@@ -191,13 +191,15 @@ def test_8k_tokens_stay_finite_in_half_precision(gating, dtype, one_thread):
      r"gating=decay: gamma=\[0.9, 0.8\] must be one number in \(0, 1\] or 3 of them"),
     (["feature_map=elu1", "gating=decay", "gating.gamma=1.0", "gating.learned=true", "policy=sink"],
      "learned=true needs every gamma < 1"),
-    (["feature_map=elu1", "gating=vector_gate", "gating.rank=0", "policy=sink"], "gating=vector_gate: rank=0"),
+    (["feature_map=elu1", "gating=vector_gate", "gating.rank=0", "policy=sink"], "gating.rank=0 must be a positive integer"),
     (["feature_map=elu1", "gating=scalar_gate", "gating.temperature=0", "policy=sink"], "temperature=0"),
     (["feature_map=elu1", "gating=scalar_gate", "gating.chunk_size=0", "policy=sink"], "gating.chunk_size=0"),
 ])
 def test_senseless_gatings_fail_at_config_time(compose_config, overrides, match):
+    cfg = compose_config("eval", overrides)
     with pytest.raises(ConfigError, match=match):
-        factory.validate(compose_config("eval", overrides))
+        schema.check(cfg)
+        factory.validate(cfg)
 
 
 def test_sizes_name_the_gating(compose_config, capsys):

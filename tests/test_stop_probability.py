@@ -133,7 +133,7 @@ def test_max_prompt_tokens_skips_longer_prompts(compose_config, tmp_path, run_fi
 
 @pytest.mark.parametrize("setting, content, match", [
     ("task.summaries=/no/such/summaries.jsonl", None, "task.summaries=/no/such/summaries.jsonl is not a file"),
-    ("task.max_repetition=2", None, "task.max_repetition=2 must be a share"),
+    ("task.max_repetition=2", None, "task.max_repetition=2 must be a number in"),
     ("task.max_prompt_tokens=0", None, "task.max_prompt_tokens=0 must be a positive integer"),
     (None, '{"index": 0}\n', "line 1 is not a summaries.jsonl row"),
     (None, '{"index": 9, "summary": "Far away."}\n', "sample 9 is not in xsum test \\(5 records\\)"),

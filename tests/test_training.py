@@ -197,7 +197,7 @@ def test_broken_checkpoints_fail_clearly(compose_config, trained, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["training.mode=qat"], "is not one of"),
+        (["training.mode=qat"], "training.mode='qat' must be one of layerwise, e2e"),
         (["feature_map=none"], "feature_map"),
         (["policy=full"], "evicts nothing"),
         (["training.val_fraction=0"], "val_fraction"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from less_exp import paths, runtime
+from less_exp import commandline, paths, runtime
 from less_exp.errors import ConfigError
 from less_exp.studies import execute, local, plan as planning
 
@@ -95,7 +95,7 @@ def cli() -> None:
         names = sorted(p.stem for p in (Path(paths.conf_dir()) / "study").glob("*.yaml"))
         print(f"{PROG}: error: choose a study: less-study study=<name> ({', '.join(names)})", file=sys.stderr)
         sys.exit(2)
-    runtime.cli(PROG, "study", main)
+    commandline.cli(PROG, "study", main)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Evaluation tasks, one module each, chosen by ``task.name``.
 
-A task module exposes ``validate(cfg)`` (cheap checks, run before the model loads) and
+A task module exposes ``validate(cfg)`` (the checks beyond :mod:`less_exp.schema` that need files,
+the policy or the data, run before the model loads) and
 ``run(model, tokenizer, cfg, tracker) -> dict`` (the metrics). Adding a task is adding a module
 here and a ``conf/task/<name>.yaml``.
 """
@@ -11,23 +12,8 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-from omegaconf import DictConfig
 
 from less_exp.errors import ConfigError
-from less_exp.models import max_positions
-from less_exp.validation import require_positive_ints
-
-
-def require_positive(task: DictConfig, *keys: str) -> None:
-    """Each ``task.<key>`` must be a positive integer."""
-    require_positive_ints(task, "task", *keys)
-
-
-def require_seq_len(cfg: DictConfig) -> None:
-    """``task.seq_len`` must be a window the model can take: an integer in [2, model.max_length]."""
-    limit, seq_len = max_positions(cfg.model), cfg.task.seq_len
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not 2 <= seq_len <= limit:
-        raise ConfigError(f"task.seq_len={seq_len} must be an integer in [2, {limit}] (model.max_length)")
 
 
 def available() -> list[str]:

@@ -19,7 +19,6 @@ from less_exp.adapter import LessCache, cache_kwargs, compression_of
 from less_exp.errors import ConfigError
 from less_exp.report_spec import ReportSpec
 from less_exp.runtime import output_dir
-from less_exp.tasks import require_positive
 from less_exp.tasks.repetition import METRICS as REPETITION, repetition
 from less_exp.tracking import Tracker
 
@@ -32,9 +31,6 @@ def validate(cfg: DictConfig) -> None:
     task = cfg.task
     if not task.prompts and not task.prompt_field:
         raise ConfigError("task=generate needs task.prompts (a list) or task.prompt_field (a field of the data records)")
-    require_positive(task, "max_new_tokens", "batch_size")
-    if task.do_sample and not task.temperature > 0:
-        raise ConfigError("task.temperature must be > 0 when task.do_sample=true")
 
 
 def prompts(cfg: DictConfig) -> list[str]:

@@ -17,15 +17,12 @@ from tqdm.auto import tqdm
 
 from less_exp import passkey
 from less_exp.errors import ConfigError
-from less_exp.models import max_positions
 from less_exp.report_plots import accuracy_heatmap
 from less_exp.report_spec import ReportSpec
 from less_exp.runtime import output_dir
-from less_exp.tasks import require_positive
 from less_exp.adapter import cache_kwargs
 from less_exp.tasks.generate import new_cache
 from less_exp.tracking import Tracker
-from less_exp.validation import positive_int
 
 REPORT = ReportSpec(columns=("accuracy", "accuracy@*", "num_prompts"), headline="accuracy", lower_is_better=False, plots=("accuracy",))
 ROWS_FILE = "passkey.jsonl"
@@ -33,26 +30,9 @@ HEATMAP_FILE = "passkey_heatmap.png"
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the grid and the decoding values against the model before it loads.
-
-    Whether the shortest length holds the instruction, needle and question needs the tokenizer:
-    :func:`run` checks that before it generates anything.
-    """
-    task = cfg.task
-    limit = max_positions(cfg.model)
-    require_positive(task, "trials", "digits", "max_new_tokens", "batch_size")
-    lengths = list(task.context_lengths or [])
-    if not lengths or not all(positive_int(n) for n in lengths) or len(set(lengths)) != len(lengths):
-        raise ConfigError(f"task.context_lengths={lengths} must be a non-empty list of distinct positive integers")
-    if max(lengths) + task.max_new_tokens > limit:
-        raise ConfigError(
-            f"task.context_lengths up to {max(lengths)} + task.max_new_tokens={task.max_new_tokens} "
-            f"exceed model.max_length={limit}; use context lengths <= {limit - task.max_new_tokens}"
-        )
-    depths = list(task.depths or [])
-    numeric = all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in depths)
-    if not depths or not numeric or not all(0.0 <= d <= 1.0 for d in depths) or len(set(depths)) != len(depths):
-        raise ConfigError(f"task.depths={depths} must be a non-empty list of distinct fractions in [0, 1] (0 = start, 1 = end)")
+    """Nothing beyond :mod:`less_exp.schema` (the grid, the lengths against ``model.max_length``):
+    whether the shortest length holds the instruction, needle and question needs the tokenizer, so
+    :func:`run` checks that before it generates anything."""
 
 
 def prompts(tokenizer, cfg: DictConfig) -> list[passkey.PasskeyPrompt]:

@@ -38,7 +38,6 @@ from less_exp.tasks.consistency import decode_logits
 from less_exp.tasks.repetition import repetition
 from less_exp.tasks.summarization import dataset, done_rows, run_key
 from less_exp.tracking import Tracker
-from less_exp.validation import require_positive_int_or_null
 
 ROWS = "stops.jsonl"
 REPORT = ReportSpec(
@@ -57,9 +56,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"task.summaries={task.summaries} is not a file: give the summaries.jsonl of a task=xsum or "
                           "task=cnn_dailymail run (e.g. the plain run of less-study study=sink_generation: "
                           "outputs/studies/sink_generation/eval/xsum/plain/summaries.jsonl)")
-    require_positive_int_or_null(task, "task", "max_prompt_tokens", "every prompt")
-    if not isinstance(task.max_repetition, (int, float)) or isinstance(task.max_repetition, bool) or not 0 <= task.max_repetition <= 1:
-        raise ConfigError(f"task.max_repetition={task.max_repetition} must be a share in [0, 1]")
     data.check_available(dataset(cfg), task.split)
     read_summaries(Path(str(task.summaries)).expanduser())  # a foreign file fails before the model loads
 

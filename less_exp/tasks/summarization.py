@@ -30,12 +30,10 @@ from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.report_spec import PairedRows, ReportSpec
 from less_exp.runtime import output_dir
-from less_exp.tasks import require_positive
 from less_exp.adapter import cache_kwargs
 from less_exp.tasks.generate import new_cache
 from less_exp.tasks.repetition import METRICS as REPETITION, repetition
 from less_exp.tracking import Tracker
-from less_exp.validation import require_positive_int_or_null
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 ROWS = "summaries.jsonl"
@@ -55,20 +53,10 @@ def dataset(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
+    """The records file or data set is there (the schema bounds the values)."""
     task = cfg.task
-    require_positive(task, "max_new_tokens", "batch_size")
-    require_positive_int_or_null(task, "task", "num_samples", "every record")
-    require_positive_int_or_null(task, "task", "min_prompt_tokens", "every prompt")
-    if task.do_sample and not task.temperature > 0:
-        raise ConfigError(f"task.temperature={task.temperature} must be > 0 when task.do_sample=true")
-    if not 0 < task.top_p <= 1:
-        raise ConfigError(f"task.top_p={task.top_p} must be in (0, 1]")
-    if task.split not in data.SPLITS:
-        raise ConfigError(f"task.split={task.split!r} is not one of {data.SPLITS}")
     if task.get("data_path") and not Path(str(task.data_path)).expanduser().is_file():
         raise ConfigError(f"task.data_path={task.data_path} is not a file (a jsonl with the fields {dict(task.dataset.local.fields)})")
-    if task.max_new_tokens >= max_positions(cfg.model):
-        raise ConfigError(f"task.max_new_tokens={task.max_new_tokens} leaves no room for a prompt in model.max_length={max_positions(cfg.model)}")
     data.check_available(dataset(cfg), task.split)
 
 

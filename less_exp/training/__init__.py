@@ -1,6 +1,6 @@
 """Training modes for the LESS state parameters (DESIGN.md §4), chosen by ``training.mode``.
 
-A mode module exposes ``validate(cfg)`` (cheap checks before the model loads),
+A mode module exposes ``validate(cfg)`` (checks beyond :mod:`less_exp.schema`, before the model loads),
 ``run(cfg, model, tokenizer, tracker, out_dir) -> dict`` (the job's metrics) and
 ``summary_line(metrics) -> str`` (what the job prints when it ends).
 """

@@ -35,7 +35,6 @@ from less_exp.errors import ConfigError
 from less_exp.models import end_token_ids
 from less_exp.tasks.repetition import repeated_ngram_share, words
 from less_exp.training.record import save_atomic
-from less_exp.validation import number, require_positive_ints
 
 FORMAT = 3  # of the cached windows: 2 keeps each answer's tokens as generated, end token included; 3 drops loops
 
@@ -43,33 +42,11 @@ KEYS = ("templates", "max_doc_tokens", "min_doc_tokens", "max_new_tokens", "stop
         "drop_unfinished", "max_repetition")
 
 
-def validate(answers: DictConfig, seq_len: int) -> None:
-    """One line naming the ``data.answers`` setting that cannot work."""
+def validate(answers: DictConfig) -> None:
+    """Every ``data.answers`` setting is there (the schema bounds their values)."""
     missing = [k for k in KEYS if k not in answers]
     if missing:
         raise ConfigError(f"data.answers lacks {', '.join(missing)}; see conf/data/c4_answers.yaml")
-    templates = list(answers.templates)
-    if not templates or any(not isinstance(t, str) or "{text}" not in t for t in templates):
-        raise ConfigError("data.answers.templates must be a non-empty list of strings, each with a {text} field for the document")
-    require_positive_ints(answers, "data.answers", "max_doc_tokens", "min_doc_tokens", "max_new_tokens")
-    if answers.min_doc_tokens > answers.max_doc_tokens:
-        raise ConfigError(f"data.answers.min_doc_tokens={answers.min_doc_tokens} exceeds max_doc_tokens={answers.max_doc_tokens}")
-    if answers.min_doc_tokens + answers.max_new_tokens >= seq_len:
-        raise ConfigError(f"data.answers.min_doc_tokens + max_new_tokens = {answers.min_doc_tokens + answers.max_new_tokens} "
-                          f"leave no room in training.seq_len={seq_len}; lower them or raise seq_len")
-    weight = answers.weight
-    if not number(weight) or not weight > 0:
-        raise ConfigError(f"data.answers.weight={weight!r} must be a number > 0 (1: answers weigh like document text)")
-    share = answers.student_share
-    if not number(share) or not 0 <= share <= 1:
-        raise ConfigError(f"data.answers.student_share={share!r} must be a number in [0, 1] (0: the teacher answers every prompt)")
-    if not isinstance(answers.drop_unfinished, bool):
-        raise ConfigError(f"data.answers.drop_unfinished={answers.drop_unfinished!r} must be true or false")
-    cap = answers.max_repetition
-    if cap is not None and (not number(cap) or not 0 <= cap <= 1):
-        raise ConfigError(f"data.answers.max_repetition={cap!r} must be a share in [0, 1] or null (keep every answer)")
-    if answers.stop is not None and not isinstance(answers.stop, str):
-        raise ConfigError(f"data.answers.stop={answers.stop!r} must be a string or null")
 
 
 def position_weights(answer: torch.Tensor, weight: float) -> torch.Tensor:
@@ -182,7 +159,7 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
     the next document): a killed build resumes where it stopped rather than redoing minutes a window.
     """
     answers = data_cfg.answers
-    validate(answers, seq_len)
+    validate(answers)
     if answers.student_share > 0 and student is None:
         raise ValueError("data.answers.student_share > 0 needs the student's compression")
     if answers.student_share == 0:

@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 
 from less_exp import checkpoints
 from less_exp.adapter import attention_modules
-from less_exp.errors import ConfigError
 from less_exp.tracking import Tracker
 from less_exp.training import output
 
@@ -30,8 +29,6 @@ summary_line = output.summary_line
 
 def validate(cfg: DictConfig) -> None:
     output.validate(cfg)
-    if not isinstance(cfg.training.get("gradient_checkpointing"), bool):
-        raise ConfigError(f"training.gradient_checkpointing={cfg.training.get('gradient_checkpointing')!r} must be true or false")
 
 
 @contextmanager

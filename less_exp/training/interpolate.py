@@ -20,7 +20,6 @@ from less_exp.errors import ConfigError
 from less_exp.factory import instantiate_component, make_states
 from less_exp.report_spec import ReportSpec
 from less_exp.tracking import Tracker
-from less_exp.validation import number, require_positive_ints
 
 REPORT = ReportSpec(columns=("layers_done", "num_layers", "alpha"), label_key="alpha", own_data=False)  # trains on nothing
 ENDS = ("init_from", "toward")
@@ -57,11 +56,6 @@ def validate(cfg: DictConfig) -> None:
         if not (Path(path) / checkpoints.MANIFEST).is_file():
             raise ConfigError(f"training.{key}={path}: no {checkpoints.MANIFEST} there; point it at a checkpoint "
                               "folder written by less-train")
-    alpha = t.get("alpha")
-    if not number(alpha) or not 0 <= alpha <= 1:
-        raise ConfigError(f"training.alpha={alpha!r} must be a number in [0, 1]: the share of training.toward's states")
-    require_positive_ints(t, "training", "seq_len",
-                          why="the length both ends were trained at, which a budget set as a ratio depends on")
     start, end = checkpoints.read_manifest(t.init_from), checkpoints.read_manifest(t.toward)
     differs = checkpoints.setup_mismatch(end, start)
     if differs:

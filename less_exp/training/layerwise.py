@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from less_exp import checkpoints, data
+from less_exp import checkpoints, data, paths
 from less_exp.adapter import attention_modules
 from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.errors import ConfigError, NonFiniteError
@@ -39,13 +39,11 @@ from less_exp.report_spec import ReportSpec
 from less_exp.state import LessState
 from less_exp.tracking import Tracker
 from less_exp.training import record
-from less_exp.validation import number, require_positive_int_or_null, require_positive_ints
 
 REPORT = ReportSpec(  # the default mode: method labels do not name it
     columns=("layers_done", "num_layers", "mean_val_mse", "mean_plain_mse", "mean_baseline_plus_mse"),
     headline="mean_val_mse", labelled=False,
 )
-POSITIVE_INTS = ("num_sequences", "seq_len", "epochs", "batch_size", "lr_step_epochs", "record_batch_size")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -58,23 +56,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"policy={policy.name} evicts nothing, so the state has nothing to learn; pick sink, h2o, ...")
     if policy.baseline_plus:
         raise ConfigError("policy.baseline_plus=true is an evaluation baseline; train with baseline_plus=false")
-    require_positive_ints(t, "training", *POSITIVE_INTS)
-    if t.seq_len > int(cfg.model.max_length):
-        raise ConfigError(f"training.seq_len={t.seq_len} exceeds model.max_length={cfg.model.max_length}")
-    if t.num_sequences < 2:
-        raise ConfigError("training.num_sequences must be at least 2 (one to train on, one to validate)")
-    if not 0 < float(t.val_fraction) < 1:
-        raise ConfigError(f"training.val_fraction={t.val_fraction} must be in (0, 1)")
-    if not float(t.lr) > 0 or not 0 < float(t.lr_gamma) <= 1 or float(t.weight_decay) < 0:
-        raise ConfigError(f"training.lr={t.lr} must be > 0, lr_gamma={t.lr_gamma} in (0, 1], weight_decay >= 0")
-    for key in ("scale_lr", "gate_lr"):
-        value = t.get(key)
-        if value is not None and (not number(value) or value <= 0):
-            raise ConfigError(f"training.{key}={value!r} must be a number > 0, or null for training.lr")
-    if t.record_dtype not in DTYPES:
-        raise ConfigError(f"training.record_dtype={t.record_dtype!r} is not one of {sorted(DTYPES)}")
-    require_positive_int_or_null(t, "training", "layers_per_recording", "every layer in one recording")
-    _layer_range(t, None)
     try:
         policy.check_fits(policy.budget(length=t.seq_len, max_positions=int(cfg.model.max_length)), t.seq_len)
     except ValueError as err:
@@ -83,6 +64,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data={cfg.data.name} (answer windows) trains on the model's output: use training=e2e or "
                           "training=progressive, or a text preset (data=c4) for layer-wise training")
     data.check_available(cfg.data, t.split, mixture=True)
+    for setting, folder in (("checkpoint", cfg.get("checkpoint")), ("training.record_dir", t.get("record_dir"))):
+        problem = folder and paths.cannot_create(folder)
+        if problem:
+            raise ConfigError(f"{setting}={folder}: {problem}")
 
 
 def _layer_range(t: DictConfig, num_layers: int | None) -> list[int]:

@@ -27,11 +27,9 @@ from tqdm.auto import tqdm
 
 from less_exp import checkpoints
 from less_exp.adapter import attention_modules
-from less_exp.errors import ConfigError
 from less_exp.models import DTYPES
 from less_exp.tracking import Tracker
 from less_exp.training import output, record
-from less_exp.validation import require_positive_ints
 
 REPORT = output.REPORT
 summary_line = output.summary_line
@@ -39,10 +37,6 @@ summary_line = output.summary_line
 
 def validate(cfg: DictConfig) -> None:
     output.validate(cfg)
-    t = cfg.training
-    require_positive_ints(t, "training", "window", why="layers trained together")
-    if t.get("after") not in output.AFTER:
-        raise ConfigError(f"training.after={t.get('after')!r} must be one of {output.AFTER} (what the layers after a stage run)")
 
 
 def stages(num_layers: int, window: int) -> list[list[int]]:
