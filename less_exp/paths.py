@@ -67,8 +67,13 @@ def unwritable_output(argv: list[str]) -> str | None:
     for key, value in wanted.items():
         problem = None if "${" in value else cannot_create(value)
         if problem:
-            return f"{key}={value}: {problem}"
+            return f"{key}={shorten(value)}: {problem}"
     return None
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut in the middle to about ``limit`` characters, for a one-line message."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-(limit // 2):]}"
 
 
 def cannot_create(folder: str | Path) -> str | None:

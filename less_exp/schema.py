@@ -150,7 +150,7 @@ def List(items: Key | None = None, nonempty=False, null=False, why="") -> Key:
 ANY = Key("any", null=True)
 MAP = Key("map")
 POS = Int(ge=1)
-SEED = Int(ge=0, why="a random seed")
+SEED = Int(ge=0, le=2**32 - 1, why="a random seed; NumPy takes 0 to 2^32 - 1")
 LABEL = Str()
 TARGET = Str()
 
@@ -158,7 +158,7 @@ TARGET = Str()
 # (a data set inside a task or a mixture). "*" stands for any key of a mapping that the user names.
 SECTIONS: dict[str, dict[str, Key | str]] = {
     "": {
-        "seed": Int(why="a random seed"),
+        "seed": SEED,
         "device": Str(why="auto, cpu, cuda or cuda:N"),
         "checkpoint": Str(null=True, why="a less-train checkpoint folder"),
         "checkpoint_budget": Str("trained", "any"),

@@ -200,6 +200,8 @@ def test_killed_study_continues_where_it_stopped(tmp_path):
     ([f"study={STUDY}", "parallel=x"], "parallel='x' must be a whole number"),
     ([f"study={STUDY}", "parallel=0"], "parallel=0 must be a whole number"),
     (["study=nope"], "Could not find 'study/nope'"),
+    ([f"study={STUDY}", '+study.methods.bad={overrides:["policy.recent=abc"]}'],
+     "job eval/wikitext2/bad: policy.recent='abc' must be a number >= 0"),
 ])
 def test_less_study_refuses_a_bad_command_line_in_one_line(tmp_path, args, message):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LESS_OUTPUT_DIR": str(tmp_path)}

@@ -46,6 +46,9 @@ def study(cfg: DictConfig) -> int:
         raise ConfigError(f"parallel={parallel!r} must be a whole number of jobs side by side, at least 1")
     jobs = planning.plan(cfg.study, Path(cfg.root), group=cfg.group, logger=cfg.logger.name, page=Path(cfg.page),
                          command=command())
+    for job in jobs:  # every job's config against the schema, before any of them runs
+        if job.config_name is not None:
+            execute.compose(job)
     version = code_version()
     done = {job.name for job in jobs if execute.is_complete(job, version)}
     print(f"{PROG}: study {cfg.study.name} ({cfg.study.get('time') or 'time not stated'}): {len(jobs)} jobs, "

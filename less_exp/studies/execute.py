@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from omegaconf import DictConfig, OmegaConf
 
-from less_exp import checkpoints, paths
+from less_exp import checkpoints, paths, schema
 from less_exp.errors import ConfigError
 from less_exp.results import FILENAME, read_record
 from less_exp.runtime import BOOKKEEPING
@@ -66,17 +66,23 @@ def hydra_ready():
 
 
 def compose(job: Job) -> DictConfig:
-    """The job's config, as ``less-train`` / ``less-eval`` with its overrides and ``hydra.run.dir=<folder>`` would see it."""
+    """The job's config, as ``less-train`` / ``less-eval`` with its overrides and ``hydra.run.dir=<folder>`` would see it,
+    checked against :mod:`less_exp.schema` (the plan composes every job, so a bad one stops the study before it starts)."""
     from hydra import compose as hydra_compose
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with hydra_ready():
-            return hydra_compose(job.config_name, overrides=[*job.overrides, f"paths.output_dir={job.folder}"])
+            cfg = hydra_compose(job.config_name, overrides=[*job.overrides, f"paths.output_dir={job.folder}"])
     except (HydraException, OmegaConfBaseException) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"job {job.name}: its overrides do not compose ({first})") from err
+    try:
+        schema.check(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"job {job.name}: {err}") from None
+    return cfg
 
 
 class ModelCache:

@@ -67,7 +67,7 @@ def validate(cfg: DictConfig) -> None:
     for setting, folder in (("checkpoint", cfg.get("checkpoint")), ("training.record_dir", t.get("record_dir"))):
         problem = folder and paths.cannot_create(folder)
         if problem:
-            raise ConfigError(f"{setting}={folder}: {problem}")
+            raise ConfigError(f"{setting}={paths.shorten(str(folder))}: {problem}")
 
 
 def _layer_range(t: DictConfig, num_layers: int | None) -> list[int]:
