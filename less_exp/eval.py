@@ -39,6 +39,7 @@ def evaluate(cfg: DictConfig, extra: dict | None = None, model_and_tokenizer=Non
         batch = cfg.task.get("batch_size")
         batch = (batch if isinstance(batch, int) else 1) * (2 if cfg.task.get("pad") else 1)
         factory.check_memory(model, "task.seq_len", cfg.task.get("seq_len"), batch)
+        factory.check_decode_memory(model, cfg.task, int(cfg.model.max_length))
         try:
             with FiniteGuard(model):
                 metrics = task.run(model, tokenizer, cfg, job.tracker)

@@ -241,6 +241,28 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def check_decode_memory(model: torch.nn.Module, task: DictConfig, max_length: int) -> None:
+    """Refuse, with the estimate, a decoding task whose KV cache cannot fit: ``task.batch_size`` rows of
+    every layer's keys and values over the longest sequence it may reach (its context or prompt length
+    plus ``task.max_new_tokens``, at most ``model.max_length``), in the model's dtype."""
+    new, batch = task.get("max_new_tokens"), task.get("batch_size")
+    if not new or not batch:
+        return
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    prompt = max(task.get("context_lengths") or [0]) or task.get("max_prompt_tokens") or task.get("seq_len") or max_length
+    length = min(int(prompt) + int(new), max_length)
+    param = next(model.parameters())
+    need = int(batch) * config.num_hidden_layers * 2 * kv_heads * head_dim * length * param.element_size()
+    have = available_memory(param.device)
+    if need > have:
+        raise ConfigError(f"task.batch_size={batch} with task.max_new_tokens={new}: the KV cache would need about "
+                          f"{need / 2**30:,.1f} GiB ({batch} x {config.num_hidden_layers} layers x 2 x {kv_heads} heads x "
+                          f"{head_dim} x {length} tokens) but this machine has {have / 2**30:.1f} GiB; lower task.batch_size")
+
+
 def check_memory(model: torch.nn.Module, setting: str, length: int | None, batch: int = 1) -> None:
     """Refuse, with the estimate, a parallel form whose attention logits cannot fit: it holds
     ``batch x heads x length^2`` float32 logits about three times (logits, masked copy, weights)."""

@@ -190,6 +190,10 @@ CASES = [
      r"gating\.rank=1000000000.*would need about"),
     ("batch-memory", [*EVAL, *H2O, "task=consistency", "model.max_length=200000", "task.seq_len=20000", "task.pad=10"], {}, 2,
      r"task\.seq_len=20000: the parallel form would need about \d+.*GiB"),
+    ("decode-batch-memory", [*EVAL, "task=generate", "task.batch_size=100000000"], {}, 2,
+     r"task\.batch_size=100000000 with task\.max_new_tokens=64: the KV cache would need about [\d,.]+ GiB"),
+    ("passkey-batch-memory", [*EVAL, "task=passkey", "task.context_lengths=[256]", "task.batch_size=10000000"], {}, 2,
+     r"task\.batch_size=10000000 .* KV cache would need about .* 264 tokens"),
     # model overrides, logger settings, paths and data records
     ("model-heads", [*EVAL, "model.config.num_attention_heads=3"], {}, 2,
      r"model=tiny_llama: its model\.config makes no valid llama model \(The hidden size \(64\) is not a multiple"),
