@@ -28,31 +28,18 @@ def instantiate_component(node: DictConfig, **kwargs):
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the policy, budget and state configs without a model, so mistakes surface in seconds."""
+    """Check what needs the engine's objects without a model (the policy's budget against the length,
+    the state's components and size), so mistakes surface in seconds; the config rules that need no
+    object are :mod:`less_exp.schema`'s."""
     try:
         policy = instantiate_component(cfg.policy)
     except Exception as err:  # hydra wraps constructor errors; report the cause in config terms
         raise ConfigError(f"policy={cfg.policy.get('name')}: {_root_cause(err)}") from err
-    has_state = cfg.feature_map.get("name", "none") != "none"
-    if policy.baseline_plus and not has_state:
-        raise ConfigError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
-    if not has_state and not cfg.get("checkpoint"):
-        for group, default in (("reweighting", "none"), ("normalizer", "joint"), ("gating", "none")):
-            if cfg[group].get("name", default) != default:
-                raise ConfigError(f"{group}={cfg[group].name} shapes a LESS state, but feature_map=none has none; "
-                                  f"pick a feature_map or drop {group}=")
-    if has_state:
+    if cfg.feature_map.get("name", "none") != "none":
         state = _config_state(cfg)
         if state is not None:
             print(f"state: {describe_state(state, model_shape(cfg.model))}", flush=True)
     length = cfg.get("task", {}) and cfg.task.get("seq_len")
-    rw = cfg.reweighting
-    if rw.get("name", "none") == "cosformer":
-        for setting in ("task", "training"):
-            longest = (cfg.get(setting) or {}).get("seq_len")
-            if longest and int(longest) > int(rw.horizon):
-                raise ConfigError(f"reweighting.horizon={rw.horizon} is shorter than {setting}.seq_len={longest}: every "
-                                  "position past the horizon gets the same proportion; raise reweighting.horizon")
     if not length and policy.ratio_of == "length":
         return  # no fixed length: the budget resolves per prompt at prefill
     try:

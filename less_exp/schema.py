@@ -370,4 +370,48 @@ def _rule_answers(cfg: dict) -> None:
                           f"leave no room in training.seq_len={seq_len}; lower them or raise seq_len")
 
 
-RULES: tuple[Callable[[dict], None], ...] = (_rule_lengths, _rule_distinct, _rule_sampling, _rule_layers, _rule_answers)
+def _rule_state(cfg: dict) -> None:
+    """What shapes a LESS state needs one; a cosFormer horizon covers the sequence."""
+    has_state = cfg["feature_map"].get("name", "none") != "none"
+    if cfg["policy"].get("baseline_plus") and not has_state:
+        raise ConfigError("policy.baseline_plus=true needs a feature_map to size the state it stands in for")
+    if not has_state and not cfg.get("checkpoint"):
+        for group, default in (("reweighting", "none"), ("normalizer", "joint"), ("gating", "none")):
+            if cfg[group].get("name", default) != default:
+                raise ConfigError(f"{group}={cfg[group]['name']} shapes a LESS state, but feature_map=none has none; "
+                                  f"pick a feature_map or drop {group}=")
+    rw = cfg["reweighting"]
+    if rw.get("name") == "cosformer":
+        for setting in ("task", "training"):
+            longest = (cfg.get(setting) or {}).get("seq_len")
+            if longest and longest > rw["horizon"]:
+                raise ConfigError(f"reweighting.horizon={rw['horizon']} is shorter than {setting}.seq_len={longest}: every "
+                                  "position past the horizon gets the same proportion; raise reweighting.horizon")
+
+
+def _rule_training(cfg: dict) -> None:
+    """A training (but interpolation, which mixes two checkpoints) has a state to train, no Baseline+,
+    and the data its losses need: answer windows only for the output modes, and the answer-only
+    losses only on them."""
+    t = cfg.get("training")
+    if not t or t.get("mode") == "interpolate":
+        return
+    if cfg["feature_map"].get("name", "none") == "none":
+        raise ConfigError("training needs a state to train: set feature_map (e.g. feature_map=less_mlp)")
+    if cfg["policy"].get("baseline_plus"):
+        raise ConfigError("policy.baseline_plus=true is an evaluation baseline; train with baseline_plus=false")
+    answers = bool((cfg.get("data") or {}).get("answers"))
+    if answers and t.get("mode") == "layerwise":
+        raise ConfigError(f"data={cfg['data']['name']} (answer windows) trains on the model's output: use training=e2e or "
+                          "training=progressive, or a text preset (data=c4) for layer-wise training")
+    for key, active, off in (("unlikelihood", lambda v: v > 0, "set it to 0"),
+                             ("no_repeat_ngram", lambda v: v is not None, "set it to null"),
+                             ("end_target", lambda v: v is not None, "set it to null"),
+                             ("end_weight", lambda v: v != 1, "set it to 1")):
+        if key in t and active(t[key]) and not answers:
+            raise ConfigError(f"training.{key}={t[key]} works on the answers of answer windows; use data=c4_answers "
+                              f"(with data.answers.student_share > 0 for the student's own loops) or {off}")
+
+
+RULES: tuple[Callable[[dict], None], ...] = (_rule_lengths, _rule_distinct, _rule_sampling, _rule_layers, _rule_answers,
+                                             _rule_state, _rule_training)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from less_exp import schema
 from less_exp.adapter import compression_of
 from less_exp.factory import apply, validate
 from less_exp.errors import ConfigError
@@ -61,6 +62,7 @@ def test_baseline_plus_grows_the_budget_by_the_state_size(compose_config):
 def test_bad_compression_configs_fail_before_the_model_loads(compose_config, overrides, match):
     cfg = compose_config("eval", ["model=tiny_llama", "logger=none", *overrides])
     with pytest.raises(ConfigError, match=match):
+        schema.check(cfg)
         validate(cfg)
 
 

@@ -154,10 +154,11 @@ def test_evaluations_sharing_a_model_match_a_fresh_process(compose_config, tmp_p
 
 
 def test_a_failed_job_stops_what_needs_it_in_one_line(compose_config, tmp_path, capsys, one_thread):
-    cfg = study_config(compose_config, tmp_path, "logger=none", "study.stages.0.overrides=['training=layerwise','training.lr=-1']")
+    # a refusal that only the job itself can make (the schema passes it): a policy that evicts nothing
+    cfg = study_config(compose_config, tmp_path, "logger=none", "study.stages.0.overrides=['training=layerwise','policy=full']")
     assert cli.study(cfg) == 2
     err = capsys.readouterr().err
-    assert "training.lr" in err and "Traceback" not in err
+    assert "evicts nothing" in err and "Traceback" not in err
     root = tmp_path / "study"
     assert not (root / "layerwise" / execute.MARKER).exists()
     assert not (root / "eval" / "wikitext2" / "layerwise" / "results.json").exists()

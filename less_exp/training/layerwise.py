@@ -49,20 +49,13 @@ REPORT = ReportSpec(  # the default mode: method labels do not name it
 def validate(cfg: DictConfig) -> None:
     """Check ``cfg.training`` and what layer-wise training needs of the rest, before the model loads."""
     t = cfg.training
-    if cfg.feature_map.get("name", "none") == "none":
-        raise ConfigError("training needs a state to train: set feature_map (e.g. feature_map=less_mlp)")
     policy = instantiate_component(cfg.policy)
     if not policy.evicts:
         raise ConfigError(f"policy={policy.name} evicts nothing, so the state has nothing to learn; pick sink, h2o, ...")
-    if policy.baseline_plus:
-        raise ConfigError("policy.baseline_plus=true is an evaluation baseline; train with baseline_plus=false")
     try:
         policy.check_fits(policy.budget(length=t.seq_len, max_positions=int(cfg.model.max_length)), t.seq_len)
     except ValueError as err:
         raise ConfigError(f"training.seq_len={t.seq_len}: {err}") from err
-    if data.is_answers(cfg.data) and t.mode == "layerwise":
-        raise ConfigError(f"data={cfg.data.name} (answer windows) trains on the model's output: use training=e2e or "
-                          "training=progressive, or a text preset (data=c4) for layer-wise training")
     data.check_available(cfg.data, t.split, mixture=True)
     for setting, folder in (("checkpoint", cfg.get("checkpoint")), ("training.record_dir", t.get("record_dir"))):
         problem = folder and paths.cannot_create(folder)

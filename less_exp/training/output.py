@@ -44,27 +44,12 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.training
     if data.is_answers(cfg.data):
         answers.validate(cfg.data.answers)
-    if t.get("unlikelihood", 0.0) > 0:
-        _needs_answers(cfg, f"training.unlikelihood={t.unlikelihood}", "set it to 0")
-    if t.get("no_repeat_ngram") is not None:
-        _needs_answers(cfg, f"training.no_repeat_ngram={t.no_repeat_ngram}", "set it to null")
-    if t.get("end_target") is not None:
-        _needs_answers(cfg, f"training.end_target={t.end_target}", "set it to null")
-    if t.get("end_weight", 1.0) != 1:
-        _needs_answers(cfg, f"training.end_weight={t.end_weight}", "set it to 1")
     init = t.get("init_from")
     if init is not None:
         if not (Path(init) / checkpoints.MANIFEST).is_file():
             raise ConfigError(f"training.init_from={init}: no {checkpoints.MANIFEST} there; point it at a checkpoint "
                               "folder written by less-train for this set-up, or drop it to start from the untrained state")
         checkpoints.read_manifest(init)
-
-
-def _needs_answers(cfg: DictConfig, setting: str, off: str) -> None:
-    """Refuse an answer-only loss ``setting`` on data that has no answers; ``off`` says how to turn it off."""
-    if not data.is_answers(cfg.data):
-        raise ConfigError(f"{setting} works on the answers of answer windows; use data=c4_answers "
-                          f"(with data.answers.student_share > 0 for the student's own loops) or {off}")
 
 
 def identity(cfg: DictConfig, **settings) -> dict:
