@@ -27,7 +27,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class Key:
-    """What one key may hold: a kind (int, num, bool, str, list, map, any), bounds for numbers,
+    """What one key may hold: a kind (int, num, bool, str, list, any), bounds for numbers,
     choices for strings, the spec of a list's items, and whether null is allowed."""
 
     kind: str
@@ -54,7 +54,7 @@ class Key:
         if not self._typed(value):
             return f"must be {self.describe()}"
         if self.kind in ("int", "num"):
-            if not math.isfinite(value) or any(bad for bad in self._out_of_bounds(value)):
+            if not math.isfinite(value) or any(self._out_of_bounds(value)):
                 return f"must be {self.describe()}"
         if self.choices is not None and value not in self.choices:
             return f"must be {self.describe()}"
@@ -75,9 +75,7 @@ class Key:
             return isinstance(value, bool)
         if self.kind == "str":
             return isinstance(value, str)
-        if self.kind == "list":
-            return isinstance(value, (list, tuple, ListConfig))
-        return isinstance(value, (Mapping, DictConfig))
+        return isinstance(value, (list, tuple, ListConfig))  # "list", the one kind left
 
     def _out_of_bounds(self, value):
         yield self.ge is not None and value < self.ge
@@ -107,8 +105,6 @@ class Key:
             text = f"one of {', '.join(map(str, self.choices))}" if self.choices else "a string"
         elif self.kind == "list":
             text = f"a {'non-empty ' if self.nonempty else ''}list" + (f" of {_plural(self.items.describe())}" if self.items else "")
-        elif self.kind == "map":
-            text = "a mapping"
         else:
             text = "anything"
         text += f" or {self.alt.describe()}" if self.alt is not None else ""
@@ -148,7 +144,6 @@ def List(items: Key | None = None, nonempty=False, null=False, why="") -> Key:
 
 
 ANY = Key("any", null=True)
-MAP = Key("map")
 POS = Int(ge=1)
 SEED = Int(ge=0, le=2**32 - 1, why="a random seed; NumPy takes 0 to 2^32 - 1")
 LABEL = Str()
