@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from less_exp.errors import ConfigError
+from less_exp.prompts import FORMATS
 from less_exp.validation import number
 
 SPLITS = ("train", "validation", "test")
@@ -148,6 +149,7 @@ POS = Int(ge=1)
 SEED = Int(ge=0, le=2**32 - 1, why="a random seed; NumPy takes 0 to 2^32 - 1")
 LABEL = Str()
 TARGET = Str()
+PROMPT_FORMAT = Str(*FORMATS)
 
 # The sections: each maps a key to its spec, or to another section's name for a nested node
 # (a data set inside a task or a mixture). "*" stands for any key of a mapping that the user names.
@@ -166,6 +168,7 @@ SECTIONS: dict[str, dict[str, Key | str]] = {
         "cache_name": Str(), "hub_id": Str(), "revision": Str(null=True), "path": Str(),
         "model_type": Str(), "seed": SEED, "dtype": Str(*DTYPES), "max_length": Int(ge=2, why="positions the model handles"),
         "shape": "model_shape", "config": "model_config", "trust_remote_code": Bool(),
+        "instruct": Bool(),
     },
     "model_config": {  # a tiny model's transformers config: any key of it, the sizes positive
         "*": ANY, **{k: POS for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
@@ -215,6 +218,7 @@ SECTIONS: dict[str, dict[str, Key | str]] = {
         "weight": Num(gt=0, why="1: answers weigh like document text"), "drop_unfinished": Bool(),
         "max_repetition": Num(ge=0, le=1, null=True, why="null keeps every answer"),
         "student_share": Num(ge=0, le=1, why="0: the teacher answers every prompt"),
+        "prompt_format": PROMPT_FORMAT,
     },
     "training": {
         "mode": Str("layerwise", "e2e", "progressive", "interpolate"),
@@ -251,6 +255,7 @@ SECTIONS: dict[str, dict[str, Key | str]] = {
         "prefill": POS, "chunk": POS, "pad": Int(ge=0, why="left padding of a second row"),
         "summaries": Str(null=True), "max_prompt_tokens": Int(ge=1, null=True, why="null: every prompt"),
         "max_repetition": Num(ge=0, le=1),
+        "prompt_format": PROMPT_FORMAT, "instruction": Str(null=True, why="null: the prompt's own"),
     },
 }
 

@@ -24,14 +24,14 @@ def test_longest_repeat_matches_brute_force(seed):
 
 def test_loops_score_high_and_plain_text_scores_zero():
     fresh = repetition("The council met on Tuesday to discuss the new budget for schools.")
-    assert fresh == {"words": 12, "repeated_3gram_share": 0.0, "longest_repeat": 1}  # "the" twice
+    assert fresh == {"words": 12, "repeated_3gram_share": 0.0, "looping": 0.0, "longest_repeat": 1}  # "the" twice
     loop = repetition("Hernando Hernando Hernando Hernando Hernando Hernando")
-    assert loop["repeated_3gram_share"] == pytest.approx(3 / 4) and loop["longest_repeat"] == 5
+    assert loop["repeated_3gram_share"] == pytest.approx(3 / 4) and loop["longest_repeat"] == 5 and loop["looping"] == 1.0
     sentence = "He said it was over. " * 4
     looped = repetition(sentence)
     assert looped["words"] == 20 and looped["longest_repeat"] == 15
     assert looped["repeated_3gram_share"] == pytest.approx(13 / 18)
-    assert repetition("") == {"words": 0, "repeated_3gram_share": 0.0, "longest_repeat": 0}
+    assert repetition("") == {"words": 0, "repeated_3gram_share": 0.0, "looping": 0.0, "longest_repeat": 0}
 
 
 def test_words_ignore_case_and_punctuation():

@@ -3,14 +3,17 @@
 
 Measured on lower-cased words: ``words`` (output length), ``repeated_3gram_share`` (the share of the
 output's word 3-grams that already occurred earlier in it; 0 for text without repeats, near 1 for a
-loop) and ``longest_repeat`` (the longest run of words that occurs twice, overlaps allowed).
+loop), ``looping`` (1 when more than half of them are repeats: a mean over outputs is the share of
+outputs that are mostly loop) and ``longest_repeat`` (the longest run of words that occurs twice,
+overlaps allowed).
 """
 
 from __future__ import annotations
 
 import re
 
-METRICS = ("words", "repeated_3gram_share", "longest_repeat")
+METRICS = ("words", "repeated_3gram_share", "looping", "longest_repeat")
+LOOPING = 0.5  # repeated 3-gram share above which an output counts as looping
 _WORD = re.compile(r"\w+(?:'\w+)?")
 
 
@@ -46,6 +49,8 @@ def longest_repeat(tokens: list[str]) -> int:
 
 
 def repetition(text: str) -> dict:
-    """``{words, repeated_3gram_share, longest_repeat}`` of one generated text."""
+    """``{words, repeated_3gram_share, looping, longest_repeat}`` of one generated text."""
     tokens = words(text)
-    return {"words": len(tokens), "repeated_3gram_share": repeated_ngram_share(tokens), "longest_repeat": longest_repeat(tokens)}
+    share = repeated_ngram_share(tokens)
+    return {"words": len(tokens), "repeated_3gram_share": share, "looping": float(share > LOOPING),
+            "longest_repeat": longest_repeat(tokens)}

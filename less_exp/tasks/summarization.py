@@ -1,7 +1,9 @@
 """``task=xsum`` and ``task=cnn_dailymail``: summarization by generation with the real evicting cache.
 
-Paper settings by default: the H2O 0-shot prompt (``###\\nArticle: ...\\n\\nSummarize the above article
-in N sentences.\\n``), temperature-0.3 sampling seeded per batch (or ``task.do_sample=false`` for
+The H2O 0-shot prompt (``###\\nArticle: ...\\n\\nSummarize the above article in N sentences.\\n``;
+``task.instruction`` replaces its last line, to ask for three sentences say), through the model's chat
+template when the model is an instruct model (``task.prompt_format``, :mod:`less_exp.prompts`; ``raw``
+gives the papers' prompts), temperature-0.3 sampling seeded per batch (or ``task.do_sample=false`` for
 greedy), at most 128 new tokens, output cut at ``###``. Prompts that do not fit the model with their
 new tokens are skipped and counted; ``task.min_prompt_tokens`` keeps only the long prompts (those past
 a state's training windows, say), to test them in numbers a first-N sample does not hold. Scores are
@@ -25,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from less_exp import data
+from less_exp import data, prompts
 from less_exp.errors import ConfigError
 from less_exp.models import max_positions
 from less_exp.report_spec import PairedRows, ReportSpec
@@ -38,9 +40,9 @@ from less_exp.tracking import Tracker
 ROUGE = ("rouge1", "rouge2", "rougeL")
 ROWS = "summaries.jsonl"
 REPORT = ReportSpec(
-    columns=(*ROUGE, "repeated_3gram_share", "longest_repeat", "words", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped"),
+    columns=(*ROUGE, "repeated_3gram_share", "looping", "longest_repeat", "words", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped"),
     headline="rouge1", lower_is_better=False, plots=ROUGE,
-    paired=PairedRows(ROWS, ("rouge1", "rougeL", "repeated_3gram_share"), "rouge1"),
+    paired=PairedRows(ROWS, ("rouge1", "rougeL", "repeated_3gram_share", "looping"), "rouge1"),
 )
 
 
@@ -116,7 +118,9 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     if task.num_samples is not None:
         records = records[: task.num_samples]
     limit = max_positions(cfg.model)
-    encoded = {i: tokenizer(r["input"])["input_ids"] for i, r in enumerate(records)}
+    chat = prompts.use_chat(task.get("prompt_format", "raw"), cfg.model, tokenizer)
+    texts = [prompts.render(tokenizer, prompts.with_instruction(r["input"], task.get("instruction")), chat) for r in records]
+    encoded = {i: ids for i, ids in enumerate(prompts.encode(tokenizer, texts, chat)["input_ids"])}
     lengths = {i: len(ids) for i, ids in encoded.items() if len(ids) + task.max_new_tokens <= limit}
     skipped = len(records) - len(lengths)
     if not lengths:
@@ -145,7 +149,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
         for batch in batches:
             if all(i in rows for i in batch):
                 continue
-            inputs = tokenizer([records[i]["input"] for i in batch], return_tensors="pt", padding=True).to(device)
+            inputs = prompts.encode(tokenizer, [texts[i] for i in batch], chat, return_tensors="pt", padding=True).to(device)
             torch.manual_seed(cfg.seed * 1_000_003 + batch[0])
             began = time.perf_counter()
             with torch.inference_mode():
@@ -173,7 +177,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
         if any(m not in row for m in REPETITION):
             row.update(repetition(row["summary"]))
     metrics = {m: _mean(rows, m) for m in (*ROUGE, *REPETITION)}
-    metrics.update(num_samples=len(scored), num_skipped=skipped,
+    metrics.update(num_samples=len(scored), num_skipped=skipped, prompt_format="chat" if chat else "raw",
                    mean_prompt_tokens=sum(lengths.values()) / max(len(lengths), 1))
     if seconds:
         metrics["tokens_per_s"] = new_tokens / seconds

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from less_exp import data
+from less_exp import data, prompts
 from less_exp.adapter import Compression, LessCache, cache_kwargs, switch
 from less_exp.errors import ConfigError
 from less_exp.models import end_token_ids
@@ -110,14 +110,14 @@ def student_writes(episode: int, share: float) -> bool:
     return int((episode + 1) * share) > int(episode * share)
 
 
-def _window(model, tokenizer, docs, templates: list[str], answers: DictConfig, seq_len: int,
+def _window(model, tokenizer, docs, templates: list[tuple[str, str]], answers: DictConfig, seq_len: int,
             student: Compression | None, episodes: list[int]) -> tuple[list[int], list[bool]]:
-    """One window; ``episodes`` counts [episodes kept, teacher answers dropped] over the whole set."""
+    """One window; ``templates`` are rendered (text before and after ``{text}``); ``episodes`` counts
+    [episodes kept, teacher answers dropped] over the whole set."""
     ids: list[int] = []
     mask: list[bool] = []
     for n, doc in docs:
-        template = templates[n % len(templates)]
-        head, tail = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in template.split("{text}", 1))
+        head, tail = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in templates[n % len(templates)])
         room = seq_len - len(ids) - len(head) - len(tail) - int(answers.max_new_tokens)
         doc_ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
         if room < answers.min_doc_tokens:  # no room for an episode: the window ends with running text
@@ -149,11 +149,12 @@ def _as_float(value):
 
 
 def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, seq_len: int, count: int,
-          cache_dir: Path, model_name: str, student: Compression | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          cache_dir: Path, model_name: str, student: Compression | None = None, chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``count`` answer windows ``[N, seq_len]`` and their answer-token mask (bool, same shape).
 
     Call while the model runs full attention (it is left so); ``student`` (built for this model, needed
-    when ``student_share > 0``) answers its share of the prompts. The result is cached in ``cache_dir``
+    when ``student_share > 0``) answers its share of the prompts; ``chat``: each episode's prompt goes
+    through the tokenizer's chat template (:mod:`less_exp.prompts`), so answers end with its end-of-turn. The result is cached in ``cache_dir``
     under a hash of the model, the source documents, the settings and the student's parameters. Each
     finished window is saved as it comes (generation is greedy, so the rest of a build continues from
     the next document): a killed build resumes where it stopped rather than redoing minutes a window.
@@ -166,16 +167,18 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
         student = None
     docs = data.load_documents(data_cfg.source, split)
     settings = {k: _as_float(v) for k, v in OmegaConf.to_container(answers, resolve=True).items()
-                if k != "weight"}  # weighs, builds nothing
-    key = hashlib.sha256(json.dumps({"format": FORMAT, "model": model_name, "settings": settings, "seq_len": seq_len, "count": count,
-                                     "docs": hashlib.sha256("\x00".join(docs).encode()).hexdigest(),
-                                     "student": None if student is None else _parameters_hash(student)},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+                if k not in ("weight", "prompt_format")}  # weighs, builds nothing / resolved into ``chat``
+    spec = {"format": FORMAT, "model": model_name, "settings": settings, "seq_len": seq_len, "count": count,
+            "docs": hashlib.sha256("\x00".join(docs).encode()).hexdigest(),
+            "student": None if student is None else _parameters_hash(student)}
+    if chat:  # raw windows keep the key they had before prompt formats existed
+        spec["chat"] = True
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"answers_{key}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return saved["windows"], saved["answer"]
-    templates = list(answers.templates)
+    templates = [prompts.split_template(tokenizer, t, chat) for t in answers.templates]
     partial = path.with_name(f"answers_{key}.partial.pt")
     progress = torch.load(partial, weights_only=True) if partial.is_file() else {"rows": [], "masks": [], "episodes": [0, 0], "next": 0}
     rows, masks, episodes = progress["rows"], progress["masks"], progress["episodes"]

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from less_exp import checkpoints, data
+from less_exp import checkpoints, data, prompts
 from less_exp.adapter import Compression, build, switch
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.factory import chunk_size, instantiate_component, make_states
@@ -134,8 +134,9 @@ def prepare(cfg: DictConfig, model: torch.nn.Module, tokenizer, states=None) -> 
             student.chunk_size = chunk_size(cfg)
             states.eval()
             switch(model, None)
+        chat = prompts.use_chat(cfg.data.answers.get("prompt_format", "raw"), cfg.model, tokenizer, "data.answers.prompt_format")
         windows, answer = answers.build(cfg.data, model, tokenizer, t.split, t.seq_len, t.num_sequences,
-                                        Path(t.record_dir), cfg.model.name, student)
+                                        Path(t.record_dir), cfg.model.name, student, chat)
         domains = [str(cfg.data.name)] * len(windows)
         if float(t.get("unlikelihood", 0.0)) > 0:
             repeats = unlikelihood.repeat_mask(windows, answer, int(t.get("unlikelihood_ngram", 4)))
