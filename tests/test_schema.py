@@ -9,7 +9,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from less_exp import checkpoints, data, models, presets, schema, training
+from less_exp import checkpoints, data, models, presets, prompts, schema, training
 from less_exp.errors import ConfigError
 from less_exp.paths import conf_dir
 from less_exp.policies.base import RATIO_BASES
@@ -82,6 +82,7 @@ def test_the_schema_choices_are_the_code_s_own():
     assert set(sections["task"]["split"].choices) == set(data.SPLITS)
     assert set(sections[""]["checkpoint_budget"].choices) == set(checkpoints.BUDGET_MATCH)
     assert {*sections["policy"]["ratio_of"].choices, None} == set(RATIO_BASES)
+    assert set(sections["task"]["prompt_format"].choices) == set(sections["data_answers"]["prompt_format"].choices) == set(prompts.FORMATS)
 
 
 def test_cross_key_rules_run_after_the_keys():
