@@ -127,3 +127,17 @@ def test_answer_windows_in_chat_form_answer_after_the_assistant_turn(compose_con
     raw, _ = answers.build(cfg.data, model, tokenizer, "train", 96, 2, tmp_path, cfg.model.name, chat=False)
     assert not torch.equal(raw, windows), "raw and chat windows are cached apart"
     assert "<|assistant|>" not in tokenizer.decode(raw[0])
+
+
+def test_stop_probability_reads_the_prompts_in_the_summaries_format(compose_config, tmp_path, articles, chat_tokenizer):
+    path, records = articles
+    summaries = tmp_path / "summaries.jsonl"
+    summaries.write_text("".join(json.dumps({"index": i, "summary": f"The council met on day {i}."}) + "\n" for i in range(3)))
+    common = ["model=tiny_llama", "logger=none", "task=stop_probability", f"task.data_path={path}", f"task.summaries={summaries}"]
+    for fmt in ("chat", "raw"):
+        metrics = eval_job.evaluate(compose_config("eval", [*common, f"task.prompt_format={fmt}", f"paths.output_dir={tmp_path / fmt}"]))
+        assert metrics["prompt_format"] == fmt and metrics["num_samples"] == 3
+        lengths = {json.loads(line)["index"]: json.loads(line)["prompt_tokens"] for line in (tmp_path / fmt / "stops.jsonl").read_text().splitlines()}
+        chat = fmt == "chat"
+        assert lengths == {i: len(prompts.encode(chat_tokenizer, prompts.render(chat_tokenizer, r["article"], chat), chat).input_ids)
+                           for i, r in enumerate(records)}

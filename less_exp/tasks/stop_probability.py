@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from less_exp import data
+from less_exp import data, prompts
 from less_exp.adapter import compression_of
 from less_exp.errors import ConfigError
 from less_exp.models import end_token_ids, max_positions
@@ -36,7 +36,7 @@ from less_exp.report_spec import PairedRows, ReportSpec
 from less_exp.runtime import output_dir
 from less_exp.tasks.consistency import decode_logits
 from less_exp.tasks.repetition import repetition
-from less_exp.tasks.summarization import dataset, done_rows, run_key
+from less_exp.tasks.summarization import dataset, done_rows, prompt_texts, run_key
 from less_exp.tracking import Tracker
 
 ROWS = "stops.jsonl"
@@ -103,12 +103,13 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     if not ends:
         raise ConfigError(f"model {cfg.model.name}: neither its generation config nor its tokenizer names an end token")
     limit = max_positions(cfg.model)
+    texts, chat = prompt_texts(cfg, tokenizer, records)
     chosen, skipped = [], 0
     for row in read_summaries(path):
         if not 0 <= row["index"] < len(records):
             raise ConfigError(f"task.summaries={path}: sample {row['index']} is not in {task.dataset.name} {task.split} "
                               f"({len(records)} records); give the summaries of a run on the same data")
-        prompt = tokenizer(records[row["index"]]["input"])["input_ids"]
+        prompt = prompts.encode(tokenizer, texts[row["index"]], chat)["input_ids"]
         too_long = task.max_prompt_tokens is not None and len(prompt) > task.max_prompt_tokens
         if not eligible(row, task) or too_long:
             skipped += 1
@@ -138,4 +139,5 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     return {"mean_p_end": sum(r["p_end"] for r in rows.values()) / n,
             "mean_log_p_end": sum(r["log_p_end"] for r in rows.values()) / n,
             "greedy_stop_share": sum(r["greedy_stop"] for r in rows.values()) / n,
-            "num_samples": n, "num_skipped": skipped, "longest_prompt_tokens": max(r["prompt_tokens"] for r in rows.values())}
+            "num_samples": n, "num_skipped": skipped, "longest_prompt_tokens": max(r["prompt_tokens"] for r in rows.values()),
+            "prompt_format": "chat" if chat else "raw"}

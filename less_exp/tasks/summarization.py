@@ -40,7 +40,7 @@ from less_exp.tracking import Tracker
 ROUGE = ("rouge1", "rouge2", "rougeL")
 ROWS = "summaries.jsonl"
 REPORT = ReportSpec(
-    columns=(*ROUGE, "repeated_3gram_share", "looping", "longest_repeat", "words", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped"),
+    columns=(*ROUGE, "repeated_3gram_share", "looping", "longest_repeat", "words", "*_vs_plain*", "paired_samples", "num_samples", "num_skipped", "prompt_format"),
     headline="rouge1", lower_is_better=False, plots=ROUGE,
     paired=PairedRows(ROWS, ("rouge1", "rougeL", "repeated_3gram_share", "looping"), "rouge1"),
 )
@@ -60,6 +60,13 @@ def validate(cfg: DictConfig) -> None:
     if task.get("data_path") and not Path(str(task.data_path)).expanduser().is_file():
         raise ConfigError(f"task.data_path={task.data_path} is not a file (a jsonl with the fields {dict(task.dataset.local.fields)})")
     data.check_available(dataset(cfg), task.split)
+
+
+def prompt_texts(cfg: DictConfig, tokenizer, records: list[dict]) -> tuple[list[str], bool]:
+    """The records' prompts as the model reads them (``task.instruction``, then the prompt format) and
+    whether that is the chat template."""
+    chat = prompts.use_chat(cfg.task.get("prompt_format", "raw"), cfg.model, tokenizer)
+    return [prompts.render(tokenizer, prompts.with_instruction(r["input"], cfg.task.get("instruction")), chat) for r in records], chat
 
 
 def run_key(cfg: DictConfig, records: list[dict]) -> str:
@@ -118,8 +125,7 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     if task.num_samples is not None:
         records = records[: task.num_samples]
     limit = max_positions(cfg.model)
-    chat = prompts.use_chat(task.get("prompt_format", "raw"), cfg.model, tokenizer)
-    texts = [prompts.render(tokenizer, prompts.with_instruction(r["input"], task.get("instruction")), chat) for r in records]
+    texts, chat = prompt_texts(cfg, tokenizer, records)
     encoded = {i: ids for i, ids in enumerate(prompts.encode(tokenizer, texts, chat)["input_ids"])}
     lengths = {i: len(ids) for i, ids in encoded.items() if len(ids) + task.max_new_tokens <= limit}
     skipped = len(records) - len(lengths)
