@@ -8,6 +8,7 @@ import torch
 from less_exp.adapter.compression import Compression
 from less_exp.ops import (
     attention_logits,
+    blocked_sparse_attention,
     chunk_linear_attention,
     gather_stream,
     joint_normalize,
@@ -282,3 +283,36 @@ def test_sparse_attention_matches_the_float64_softmax(grad):
         loss_ref.backward()
         (out[rows].sum() + lse[rows].sum()).backward()
         torch.testing.assert_close(x.grad.double()[keep_rows], y.grad[keep_rows], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["sink", "random"])
+def test_blocked_sparse_attention_equals_the_whole_form_with_its_gradients(dtype, kind):
+    """Query blocks over only the kept columns give the whole form's output and log-sum-exp, and the
+    same gradients (recomputed per block), in every input dtype."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, Hkv, S, d = 2, 4, 2, 45, 8
+    q, k, v = (torch.randn(B, n, S, d, generator=gen).to(dtype) for n in (H, Hkv, Hkv))
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :6] = False
+    if kind == "sink":
+        policy = Sink(sink=2, recent=7)
+        keep = policy.keep_mask(policy.budget(length=S), valid, Hkv).keep
+    else:
+        keep = (torch.rand(B, Hkv, S, S, generator=gen) < 0.3).tril() | torch.eye(S, dtype=torch.bool)
+    grads = []
+    for blocked in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        if blocked:
+            out, lse = blocked_sparse_attention(*leaves, keep, 0.3, block=8)
+        else:
+            out, lse, _ = sparse_attention(attention_logits(leaves[0], leaves[1], 0.3), keep, leaves[2])
+        (out.square().sum() + lse.sum()).backward()
+        grads.append([out.detach(), lse.detach(), *(t.grad for t in leaves)])
+    for whole, block in zip(*grads):  # outputs are float32; a half leaf's gradient is within an ulp of its scale
+        assert block.dtype == whole.dtype
+        ulp = 1e-5 if whole.dtype == torch.float32 else torch.finfo(whole.dtype).eps
+        torch.testing.assert_close(block, whole, rtol=ulp, atol=ulp * float(whole.abs().max()))
+    with torch.no_grad():
+        out, lse = blocked_sparse_attention(q, k, v, keep, 0.3, block=8)
+    torch.testing.assert_close(out, grads[0][0], rtol=1e-5, atol=1e-5)

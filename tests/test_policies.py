@@ -99,3 +99,21 @@ def test_budget_ratios_and_baseline_plus():
 def test_bad_budgets_fail_clearly(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("policy", [Sink(sink=0, recent=1), Sink(sink=2, recent=3), Sink(sink=4, recent=9), Window(recent=1),
+                                    Window(recent=6), Sink(sink=1, heavy=0, recent=30)], ids=repr)
+@pytest.mark.parametrize("pad", [(0, 0, 0), (0, 5, 17)], ids=["unpadded", "padded"])
+def test_oldest_first_closed_form_equals_the_step_loop(policy, pad):
+    """Every field of the schedule, the evicted stream and what seeds a cache included."""
+    S = 24
+    valid = torch.ones(len(pad), S, dtype=torch.bool)
+    for b, p in enumerate(pad):
+        valid[b, :p] = False
+    budget = policy.budget(length=S)
+    assert policy.oldest_first
+    closed = policy.keep_mask(budget, valid, 3)
+    looped = policy.schedule(budget, valid, 3)
+    for field in ("keep", "evicted", "present", "logical", "scores", "count"):
+        assert torch.equal(getattr(closed, field), getattr(looped, field)), field
+    assert not H2O(heavy=2, recent=2).oldest_first and not TOVA(heavy=2, recent=2).oldest_first

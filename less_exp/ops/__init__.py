@@ -12,10 +12,11 @@ from less_exp.ops.linear_attention import (
     stream_positions,
 )
 from less_exp.ops.normalize import joint_normalize, norm_mix
-from less_exp.ops.sparse import attention_logits, sparse_attention
+from less_exp.ops.sparse import attention_logits, blocked_sparse_attention, sparse_attention
 
 __all__ = [
     "attention_logits",
+    "blocked_sparse_attention",
     "chunk_linear_attention",
     "gather_stream",
     "joint_normalize",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 
 
 def attention_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -33,3 +34,36 @@ def sparse_attention(logits: torch.Tensor, keep: torch.Tensor, value: torch.Tens
     lse = (top + total.log()).squeeze(-1)
     probs = weights.div_(total) if in_place else weights / total
     return torch.matmul(probs, value.float()[:, :, None]), lse, probs
+
+
+def _block_attention(query, key, value, keep, scaling):
+    out, lse, _ = sparse_attention(attention_logits(query, key, scaling), keep, value)
+    return out, lse
+
+
+def blocked_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                             scaling: float, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o_sparse [B, Hkv, G, S, d], lse [B, Hkv, G, S])`` of :func:`sparse_attention` over
+    :func:`attention_logits`, ``block`` queries at a time over only the key columns some query of the
+    block keeps: float32 memory O(block x kept columns) instead of O(S x S), and for a policy whose
+    kept set is a window (sink, window) work O(S x budget). The probabilities are not returned (a
+    ranking policy needs them all; use the unblocked form). Under autograd each block is recomputed in
+    the backward pass (activation checkpointing), so training memory stays bounded as well."""
+    outs, lses = [], []
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    for start in range(0, query.shape[-2], block):
+        stop = min(start + block, query.shape[-2])
+        rows = keep[..., start:stop, :]
+        columns = rows.flatten(0, -2).any(0).nonzero().flatten()
+        if columns.numel() == rows.shape[-1]:
+            k, v, mask = key, value, rows
+        else:
+            k, v, mask = key.index_select(2, columns), value.index_select(2, columns), rows.index_select(-1, columns)
+        q = query[..., start:stop, :]
+        if grad:
+            out, lse = torch.utils.checkpoint.checkpoint(_block_attention, q, k, v, mask, scaling, use_reentrant=False)
+        else:
+            out, lse = _block_attention(q, k, v, mask, scaling)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=3), torch.cat(lses, dim=3)

@@ -11,8 +11,8 @@ comes back. Positions are *logical*: padding is skipped, so padded and unpadded 
 
 Three faces call it: :meth:`EvictionPolicy.schedule` runs it token by token over a chunk of new
 tokens on top of a cache's slots (chunked prefill), :meth:`EvictionPolicy.keep_mask` is the same run
-over a whole sequence from an empty cache (training, perplexity, prefill), and the decoding cache
-calls it once per token. ``policies.reference`` is the slow oracle they are tested against.
+over a whole sequence from an empty cache (training, perplexity, prefill; in closed form, without a
+step loop, for the oldest-first policies), and the decoding cache calls it once per token. ``policies.reference`` is the slow oracle they are tested against.
 """
 
 from __future__ import annotations
@@ -261,7 +261,37 @@ class EvictionPolicy:
                 torch.zeros(B, num_kv_heads, S, device=valid.device),
                 valid.long().sum(-1),
             )
+        if self.oldest_first:
+            return self._oldest_first_schedule(budget, valid, num_kv_heads)
         return self.schedule(budget, valid, num_kv_heads, logits if self.uses_scores else None)
+
+    @property
+    def oldest_first(self) -> bool:
+        """Whether the policy ranks by age alone (window, sink): then the step rule has a closed form."""
+        return not self.uses_scores and type(self).priority is EvictionPolicy.priority
+
+    def _oldest_first_schedule(self, budget: Budget, valid: torch.Tensor, num_kv_heads: int) -> "Schedule":
+        """:meth:`keep_mask` for an oldest-first policy without a loop over tokens. Evicting the oldest
+        unprotected token each step keeps the ``sink`` first tokens and the ``capacity - sink`` newest, so
+        query ``t`` (logical) sees key ``s`` iff ``s <= t`` and (``s < sink`` or ``s > t - (capacity - sink)``),
+        and step ``t >= capacity`` evicts logical token ``t - (capacity - sink)``: O(S^2) bits, no step loop."""
+        B, S = valid.shape
+        device = valid.device
+        window = budget.capacity - budget.sink
+        logical = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
+        lq, lk = logical[:, :, None], logical[:, None, :]
+        keep = valid[:, None, :] & (lk <= lq) & ((lk < budget.sink) | (lk > lq - window))
+        keep = torch.where(valid[:, :, None], keep, torch.eye(S, dtype=torch.bool, device=device))  # padding sees itself
+        leaving = logical - window
+        evicts = valid & (leaving >= budget.sink)
+        by_logical = (~valid).to(torch.int8).argsort(dim=-1, stable=True)  # physical index of logical position p
+        evicted = torch.where(evicts, by_logical.gather(-1, leaving.clamp(0, S - 1)), -1)
+        count = valid.long().sum(-1)
+        present = valid & ((logical < budget.sink) | (logical > (count - 1)[:, None] - window))
+        heads = (B, num_kv_heads)
+        return Schedule(keep[:, None].expand(*heads, S, S), evicted[:, None].expand(*heads, S),
+                        present[:, None].expand(*heads, S), logical[:, None].expand(*heads, S),
+                        torch.zeros(*heads, S, device=device), count)
 
     def describe(self, budget: Budget) -> str:
         if budget.capacity is None:
