@@ -1,5 +1,6 @@
 """The parallel form of one attention layer, whole (S x S float32 logits) against query blocks over the
-kept columns (``ops.blocked_sparse_attention``), side by side: time and peak resident memory, each
+kept columns (``ops.blocked_sparse_attention``; a ranking policy's schedule reads its logits a block of
+steps at a time), side by side: time and peak resident memory, each
 measured in its own process so that one's allocations do not hide the other's.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_parallel_form.py --length 8192 --policy sink
@@ -22,22 +23,29 @@ def one(form: str, length: int, policy_name: str, heads: int, kv_heads: int, hea
     import torch
 
     from less_exp.ops import attention_logits, blocked_sparse_attention, sparse_attention
-    from less_exp.policies import Sink, Window
+    from less_exp.policies import H2O, Sink, Window
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, length, head_dim, generator=gen)
     k, v = (torch.randn(1, kv_heads, length, head_dim, generator=gen) for _ in range(2))
-    policy = {"sink": Sink(sink=4, recent=100), "window": Window(recent=104)}[policy_name]
+    policy = {"sink": Sink(sink=4, recent=100), "window": Window(recent=104), "h2o": H2O(heavy=50, recent=50)}[policy_name]
+    scaling = head_dim**-0.5
     valid = torch.ones(1, length, dtype=torch.bool)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
+    budget = policy.budget(length=length)
     with torch.no_grad():
-        keep = policy.keep_mask(policy.budget(length=length), valid, kv_heads).keep
         if form == "whole":
-            out, lse, _ = sparse_attention(attention_logits(q, k, head_dim**-0.5), keep, v)
+            logits = attention_logits(q, k, scaling)
+            keep = policy.keep_mask(budget, valid, kv_heads, logits if policy.uses_scores else None).keep
+            out, lse, _ = sparse_attention(logits, keep, v)
         else:
-            out, lse = blocked_sparse_attention(q, k, v, keep, head_dim**-0.5)
+            def rows(start, stop):
+                return attention_logits(q[..., start:stop, :], k, scaling)
+
+            keep = policy.keep_mask(budget, valid, kv_heads, rows if policy.uses_scores else None).keep
+            out, lse = blocked_sparse_attention(q, k, v, keep, scaling)
     seconds = time.perf_counter() - began
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     return {"seconds": seconds, "peak_mib": peak / 1024, "checksum": float(out.double().sum()), "lse": float(lse.double().sum())}
@@ -46,7 +54,7 @@ def one(form: str, length: int, policy_name: str, heads: int, kv_heads: int, hea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--policy", choices=("sink", "window"), default="sink")
+    parser.add_argument("--policy", choices=("sink", "window", "h2o"), default="sink")
     parser.add_argument("--heads", type=int, default=9)
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from less_exp.ops import attention_logits, blocked_sparse_attention, gather_stream, sparse_attention, stream_positions
+from less_exp.ops import attention_logits, blocked_sparse_attention, gather_stream, stream_positions
 from less_exp.policies import Budget, EvictionPolicy, Schedule
 from less_exp.state import LessStates
 
@@ -43,7 +43,7 @@ class Compression:
     max_positions: int
     state_tokens: float = 0.0
     chunk_size: int = 64
-    attention_block: int = 256  # queries per block of the parallel form when the policy needs no logits
+    attention_block: int = 256  # queries per block of the parallel form
     plain_layers: frozenset = frozenset()  # layers that run the policy alone, their state set aside
     _bound: dict = field(default_factory=dict, repr=False)
     _memo: tuple | None = field(default=None, repr=False)
@@ -63,7 +63,7 @@ class Compression:
     def take_bound(self, layer_idx: int):
         return self._bound.pop(layer_idx, None)
 
-    def schedule(self, budget: Budget, valid: torch.Tensor, logits: torch.Tensor | None) -> Schedule:
+    def schedule(self, budget: Budget, valid: torch.Tensor, logits) -> Schedule:
         """The policy's parallel face. A ranking that ignores attention gives every layer the same
         schedule, so it is computed once per sequence and reused by the following layers."""
         if self.policy.uses_scores:
@@ -78,13 +78,11 @@ class Compression:
         B, H, S, d = query.shape
         valid = valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=key.device)
         budget = self.budget(int(valid.sum(-1).max()))
-        if self.policy.uses_scores:  # the ranking reads every query's attention
-            logits = attention_logits(query, key, scaling)
-            sched = self.schedule(budget, valid, logits)
-            out, lse, _ = sparse_attention(logits, sched.keep, value)
-        else:
-            sched = self.schedule(budget, valid, None)
-            out, lse = blocked_sparse_attention(query, key, value, sched.keep, scaling, self.attention_block)
+        def rows(start, stop):  # a ranking reads every query's attention: made a block of queries at a time
+            return attention_logits(query[..., start:stop, :].detach(), key.detach(), scaling)
+
+        sched = self.schedule(budget, valid, rows if self.policy.uses_scores else None)
+        out, lse = blocked_sparse_attention(query, key, value, sched.keep, scaling, self.attention_block)
         state, final, gates = self.state(layer_idx), None, None
         if state is not None:
             ev = sched.evicted

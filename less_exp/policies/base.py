@@ -12,7 +12,8 @@ comes back. Positions are *logical*: padding is skipped, so padded and unpadded 
 Three faces call it: :meth:`EvictionPolicy.schedule` runs it token by token over a chunk of new
 tokens on top of a cache's slots (chunked prefill), :meth:`EvictionPolicy.keep_mask` is the same run
 over a whole sequence from an empty cache (training, perplexity, prefill; in closed form, without a
-step loop, for the oldest-first policies), and the decoding cache calls it once per token. ``policies.reference`` is the slow oracle they are tested against.
+step loop, for the oldest-first policies), and the decoding cache calls it once per token.
+``policies.reference`` is the slow oracle they are tested against.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import ClassVar
 import torch
 
 RATIO_BASES = (None, "max_positions", "length")
+SCORE_BLOCK = 256  # steps whose attention weights a ranking policy's schedule holds at once
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ class EvictionPolicy:
         Args:
             arrive: ``[B, c]`` bool, False where the incoming token is padding (it is never admitted).
             logits: ``[B, Hkv, G, c, N + c]`` float32 logits of the incoming queries over the slots and
-                the chunk; needed when the policy ranks by attention.
+                the chunk, or a function ``(start, stop) ->`` those rows, so that the whole tensor is never
+                held; needed when the policy ranks by attention.
             slots: ``(present, logical, scores [B, Hkv, N], count [B])`` of a cache, its present slots in
                 logical order, or None for an empty one (the parallel face over a whole sequence).
         """
@@ -210,14 +213,9 @@ class EvictionPolicy:
         filled = (present0.sum(-1).amax() if N else 0) + arrive.long().cumsum(-1).amax(0)
         may_evict = (filled > cap).tolist() if cap is not None else [False] * c
         every_row = bool(arrive.all())
-        if self.uses_scores:
-            # exp(logit - max over the keys a query could see) once; a step's attention is its row
-            # restricted to the kept set, normalised (the decode face gets the same from a log-sum-exp)
-            arrived = (arrive[:, None, :] & torch.ones(c, c, dtype=torch.bool, device=device).tril())[:, None]
-            seen = torch.cat([present0[:, :heads, None, :].expand(B, heads, c, N), arrived.expand(B, heads, c, c)], -1)
-            masked = logits.masked_fill(~seen[:, :, None], -math.inf)
-            weights = (masked - masked.amax(-1, keepdim=True).clamp_min(-1e30)).exp()
         for j in range(c):
+            if self.uses_scores and j % SCORE_BLOCK == 0:
+                weights, first = self._step_weights(logits, arrive, present0[:, :heads], j, min(j + SCORE_BLOCK, c)), j
             here = arrive[:, j, None]
             present[..., N + j] = here
             if may_evict[j]:
@@ -227,7 +225,7 @@ class EvictionPolicy:
             keep[:, :, j] = present
             if self.uses_scores:
                 end = N + j + 1
-                w = weights[:, :, :, j, :end] * present[:, :, None, :end]
+                w = weights[:, :, :, j - first, :end] * present[:, :, None, :end]
                 new = self.accumulate(scores[..., :end], (w / w.sum(-1, keepdim=True)).sum(2))
                 scores[..., :end] = new if every_row else torch.where(here[..., None], new, scores[..., :end])
         own = torch.zeros(c, N + c, dtype=torch.bool, device=device)
@@ -238,6 +236,20 @@ class EvictionPolicy:
                 x.expand(B, num_kv_heads, *x.shape[2:]) for x in (keep, evicted, present, logical, scores)
             )
         return Schedule(keep, evicted, present, logical, scores, count0 + arrive.long().sum(-1))
+
+    @staticmethod
+    def _step_weights(logits, arrive: torch.Tensor, present0: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``exp(logit - max over the keys a query could see)`` for the steps ``start:stop``; a step's
+        attention is its row restricted to the kept set, normalised (the decode face gets the same from
+        a log-sum-exp). Made a block of steps at a time, so that no S x S float32 tensor is held."""
+        B, heads, N = present0.shape
+        c = arrive.shape[1]
+        rows = logits[..., start:stop, :] if isinstance(logits, torch.Tensor) else logits(start, stop)
+        step = torch.arange(start, stop, device=arrive.device)[:, None]
+        arrived = arrive[:, None, :] & (torch.arange(c, device=arrive.device)[None, :] <= step)  # [B, rows, c]
+        seen = torch.cat([present0[:, :, None, :].expand(B, heads, stop - start, N), arrived[:, None].expand(B, heads, -1, c)], -1)
+        masked = rows.masked_fill(~seen[:, :, None], -math.inf)
+        return (masked - masked.amax(-1, keepdim=True).clamp_min(-1e30)).exp()
 
     # ------------------------------------------------------------- parallel face
     def keep_mask(
