@@ -119,16 +119,19 @@ def test_oldest_first_closed_form_equals_the_step_loop(policy, pad):
     assert not H2O(heavy=2, recent=2).oldest_first and not TOVA(heavy=2, recent=2).oldest_first
 
 
-@pytest.mark.parametrize("policy", [H2O(heavy=3, recent=3), H2O(sink=1, heavy=2, recent=2), TOVA(heavy=5, recent=1)], ids=repr)
+@pytest.mark.parametrize("policy", [H2O(heavy=3, recent=3), H2O(sink=1, heavy=2, recent=2), TOVA(heavy=5, recent=1),
+                                    H2O(heavy=1, recent=1)], ids=repr)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-def test_ranking_schedules_made_a_block_of_steps_at_a_time_match_the_reference(policy, ties, monkeypatch):
-    """Blocks of 5 steps across a 17-token sequence, the logits given as a function of the rows (never
-    the whole tensor): the same kept sets as the slow reference and as the whole tensor."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ranking_parallel_face_over_slots_equals_the_step_loop_and_the_reference(policy, ties, seed, monkeypatch):
+    """The slot-wise parallel face, its logits read as rows of 5 steps (never the whole tensor), against
+    the step loop over every position (the chunk face from an empty cache) and the slow reference:
+    keep sets, evicted stream, what is present at the end and its scores."""
     import less_exp.policies.base as base
 
-    logits, valid = _inputs(ties=ties)
+    logits, valid = _inputs(pad=(0, 4, 9), B=3, seed=seed, ties=ties)
     budget = policy.budget(length=valid.shape[1])
-    whole = policy.keep_mask(budget, valid, 2, logits.float())
+    looped = policy.schedule(budget, valid, 2, logits.float())
     monkeypatch.setattr(base, "SCORE_BLOCK", 5)
     asked = []
 
@@ -136,12 +139,14 @@ def test_ranking_schedules_made_a_block_of_steps_at_a_time_match_the_reference(p
         asked.append((start, stop))
         return logits.float()[..., start:stop, :]
 
-    blocked = policy.keep_mask(budget, valid, 2, rows)
+    slots = policy.keep_mask(budget, valid, 2, rows)
     assert asked == [(0, 5), (5, 10), (10, 15), (15, 17)]
-    for field in ("keep", "evicted", "present", "scores"):
-        assert torch.equal(getattr(blocked, field), getattr(whole, field)), field
+    for field in ("keep", "evicted", "present", "logical", "count"):
+        assert torch.equal(getattr(slots, field), getattr(looped, field)), field
+    torch.testing.assert_close(slots.scores, looped.scores * looped.present, rtol=1e-6, atol=1e-7)
     ref = reference_keep_sets(policy, budget, valid, 2, logits)
     for b in range(valid.shape[0]):
-        for t in range(valid.shape[1]):
-            if valid[b, t]:
-                assert set(blocked.keep[b, 0, t].nonzero().flatten().tolist()) == ref[b][0][t]
+        for h in range(2):
+            for t in range(valid.shape[1]):
+                if valid[b, t]:
+                    assert set(slots.keep[b, h, t].nonzero().flatten().tolist()) == ref[b][h][t]

@@ -275,7 +275,62 @@ class EvictionPolicy:
             )
         if self.oldest_first:
             return self._oldest_first_schedule(budget, valid, num_kv_heads)
-        return self.schedule(budget, valid, num_kv_heads, logits if self.uses_scores else None)
+        if self.uses_scores:
+            return self._slot_schedule(budget, valid, num_kv_heads, logits)
+        return self.schedule(budget, valid, num_kv_heads)
+
+    def _slot_schedule(self, budget: Budget, valid: torch.Tensor, num_kv_heads: int, logits) -> "Schedule":
+        """:meth:`keep_mask` for a ranking policy: the step rule runs as the decoding cache runs it, over
+        ``capacity + 1`` slots (the last one the landing slot) instead of over every position, so a step
+        costs O(budget) rather than O(S); the attention a step adds to the scores is read from the
+        logits at the kept slots only. Scores are returned for the tokens still present (0 elsewhere)."""
+        if self.uses_scores and logits is None:
+            raise ValueError(f"{self.name} ranks tokens by attention and needs the attention logits")
+        B, S = valid.shape
+        H, device, M = num_kv_heads, valid.device, budget.capacity + 1
+        phys = torch.full((B, H, M), S, dtype=torch.long, device=device)  # S: no token (a spare column below)
+        present = torch.zeros(B, H, M, dtype=torch.bool, device=device)
+        slot_logical = torch.full((B, H, M), -1, dtype=torch.long, device=device)
+        scores = torch.zeros(B, H, M, dtype=torch.float32, device=device)
+        keep = torch.zeros(B, H, S, S + 1, dtype=torch.bool, device=device)
+        evicted = torch.full((B, H, S), -1, dtype=torch.long, device=device)
+        logical = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
+        may_evict = (valid.long().cumsum(-1).amax(0) > budget.capacity).tolist()
+        for j in range(S):
+            if j % SCORE_BLOCK == 0:
+                stop = min(j + SCORE_BLOCK, S)
+                rows = logits[..., j:stop, :] if isinstance(logits, torch.Tensor) else logits(j, stop)
+                seen = valid[:, None, :] & (torch.arange(S, device=device)[None, :] <= torch.arange(j, stop, device=device)[:, None])
+                top = rows.masked_fill(~seen[:, None, None], -math.inf).amax(-1).clamp_min(-1e30)  # [B, H, G, rows]
+                rows = torch.cat([rows, rows.new_zeros(*rows.shape[:-1], 1)], -1)
+                first = j
+            here = valid[:, j, None]
+            current = logical[:, j, None, None]
+            present[..., -1] = here
+            phys[..., -1] = j
+            slot_logical[..., -1] = torch.where(here, logical[:, j, None], -1)
+            scores[..., -1] = 0.0
+            evict = torch.zeros(B, H, dtype=torch.bool, device=device)
+            victim = torch.zeros(B, H, dtype=torch.long, device=device)
+            if may_evict[j]:
+                evict, victim = self.victim(present, slot_logical, scores, current, budget)
+                present.scatter_(-1, victim[..., None], present.gather(-1, victim[..., None]) & ~evict[..., None])
+                evicted[..., j] = torch.where(evict, phys.gather(-1, victim[..., None])[..., 0], -1)
+            keep[:, :, j].scatter_(-1, torch.where(present, phys, S), present)
+            row = rows[:, :, :, j - first].gather(-1, torch.where(present, phys, S)[:, :, None].expand(-1, -1, rows.shape[2], -1))
+            w = (row - top[:, :, :, j - first, None]).exp() * present[:, :, None]
+            new = self.accumulate(scores, (w / w.sum(-1, keepdim=True)).sum(2))
+            scores = torch.where(here[..., None], new, scores)
+            free = (~present[..., :-1]).to(torch.int8).argmax(-1)
+            target = torch.where(evict, victim, free)[..., None]
+            target = torch.where(here[..., None], target, M - 1)
+            for buf in (present, phys, slot_logical, scores):
+                buf.scatter_(-1, target, buf[..., -1:].clone())
+            present[..., -1] = False
+        keep = torch.where(valid[:, None, :, None], keep[..., :S], torch.eye(S, dtype=torch.bool, device=device))
+        final = torch.zeros(B, H, S + 1, dtype=torch.bool, device=device).scatter_(-1, torch.where(present, phys, S), present)[..., :S]
+        final_scores = torch.zeros(B, H, S + 1, device=device).scatter_(-1, torch.where(present, phys, S), scores)[..., :S]
+        return Schedule(keep, evicted, final, logical[:, None].expand(B, H, S), final_scores * final, valid.long().sum(-1))
 
     @property
     def oldest_first(self) -> bool:
