@@ -33,7 +33,7 @@ from less_exp.adapter import attention_modules
 from less_exp.factory import chunk_size, instantiate_component, make_states
 from less_exp.errors import ConfigError, NonFiniteError
 from less_exp.models import DTYPES
-from less_exp.ops import attention_logits, gather_stream, sparse_attention, stream_positions
+from less_exp.ops import attention_logits, blocked_sparse_attention, gather_stream, stream_positions
 from less_exp.policies import Budget, EvictionPolicy
 from less_exp.report_spec import ReportSpec
 from less_exp.state import LessState
@@ -211,15 +211,17 @@ class LayerFit:
         for i, path in enumerate(files):
             rec = {k: v.float()[None].to(self.device) for k, v in torch.load(path, weights_only=True).items()}
             q, k, v, o = rec["q"], rec["k"], rec["v"], rec["o"]
-            logits = attention_logits(q, k, module.scaling)
-            sched = self._schedule(self.policy, self.budget, logits, k.shape[1])
+            def rows(start, stop, q=q, k=k):  # a ranking policy reads the attention a block of queries at a time
+                return attention_logits(q[..., start:stop, :], k, module.scaling)
+
+            sched = self._schedule(self.policy, self.budget, rows, q, k.shape[1])
             keep, ev = sched.keep, sched.evicted
-            o_sparse, lse, _ = sparse_attention(logits, keep, v)
+            o_sparse, lse = blocked_sparse_attention(q, k, v, keep, module.scaling)
             mask = ((ev >= 0).long().cumsum(-1) > 0).any(1)  # positions where the policy has evicted something
             if i in val_idx:
                 plain, count = masked_sq_error(self._project(o_proj, o_sparse), o, mask)
-                keep_plus = self._schedule(self.plus, self.plus_budget, logits, k.shape[1]).keep
-                plus, _ = masked_sq_error(self._project(o_proj, sparse_attention(logits, keep_plus, v)[0]), o, mask)
+                keep_plus = self._schedule(self.plus, self.plus_budget, rows, q, k.shape[1]).keep
+                plus, _ = masked_sq_error(self._project(o_proj, blocked_sparse_attention(q, k, v, keep_plus, module.scaling)[0]), o, mask)
                 sums["plain"] += plain.item()
                 sums["baseline_plus"] += plus.item()
                 sums["count"] += count
@@ -234,13 +236,13 @@ class LayerFit:
         count = max(sums["count"], 1)
         return prepared, {"plain_mse": sums["plain"] / count, "baseline_plus_mse": sums["baseline_plus"] / count}
 
-    def _schedule(self, policy, budget, logits, num_kv_heads):
-        """The policy's parallel face; a ranking that ignores attention is the same for every sequence
-        and layer of one length, so it is computed once."""
-        B, _, _, S, _ = logits.shape
-        valid = torch.ones(B, S, dtype=torch.bool, device=logits.device)
+    def _schedule(self, policy, budget, rows, query, num_kv_heads):
+        """The policy's parallel face (``rows(start, stop)``: the logits of those queries); a ranking that
+        ignores attention is the same for every sequence and layer of one length, so it is computed once."""
+        B, _, S, _ = query.shape
+        valid = torch.ones(B, S, dtype=torch.bool, device=query.device)
         if policy.uses_scores:
-            return policy.keep_mask(budget, valid, num_kv_heads, logits)
+            return policy.keep_mask(budget, valid, num_kv_heads, rows)
         key = (id(policy), budget, B, S, num_kv_heads)
         if key not in self._unscored:
             self._unscored[key] = policy.keep_mask(budget, valid, num_kv_heads)
