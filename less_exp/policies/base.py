@@ -284,7 +284,7 @@ class EvictionPolicy:
         ``capacity + 1`` slots (the last one the landing slot) instead of over every position, so a step
         costs O(budget) rather than O(S); the attention a step adds to the scores is read from the
         logits at the kept slots only. Scores are returned for the tokens still present (0 elsewhere)."""
-        if self.uses_scores and logits is None:
+        if logits is None:
             raise ValueError(f"{self.name} ranks tokens by attention and needs the attention logits")
         B, S = valid.shape
         H, device, M = num_kv_heads, valid.device, budget.capacity + 1
