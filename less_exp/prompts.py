@@ -1,13 +1,13 @@
 """How an instruction prompt reaches the model: as raw text, or through the tokenizer's chat template.
 
 The H2O and LESS papers prompt every model with raw text (``###\\nArticle: ...\\n\\nSummarize the above
-article in 1 sentence.\\n``). An instruct model was trained on its chat template instead, and without it
-a small one loops: SmolLM2-135M-Instruct's full-cache three-sentence XSum summaries repeat about a third
-of their word 3-grams raw and a few percent through its template. ``prompt_format`` (a task setting and
-a ``data.answers`` setting) chooses: ``chat`` (the template), ``raw`` (the papers' text) or ``auto``
-(chat when the model preset says ``instruct: true`` and its tokenizer has a template). In chat form the
-prompt, less its leading ``###`` separator, is the user's turn, and the evicting cache covers the whole
-templated prompt, system turn included.
+article in 1 sentence.\\n``). An instruct model was trained on its chat template instead; without it a
+small one loops on longer answers even with the full cache, and a state distilled from a looping
+teacher learns to loop. ``prompt_format`` (a task setting and a ``data.answers`` setting) chooses:
+``chat`` (the template), ``raw`` (the papers' text) or ``auto`` (chat when the model preset says
+``instruct: true`` and its tokenizer has a template). In chat form the prompt, less its leading ``###``
+separator, is the user's turn, and the evicting cache covers the whole templated prompt, system turn
+included.
 """
 
 from __future__ import annotations
