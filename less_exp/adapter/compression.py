@@ -78,6 +78,7 @@ class Compression:
         B, H, S, d = query.shape
         valid = valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=key.device)
         budget = self.budget(int(valid.sum(-1).max()))
+
         def rows(start, stop):  # a ranking reads every query's attention: made a block of queries at a time
             return attention_logits(query[..., start:stop, :].detach(), key.detach(), scaling)
 

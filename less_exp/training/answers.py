@@ -153,9 +153,10 @@ def build(data_cfg: DictConfig, model: torch.nn.Module, tokenizer, split: str, s
     """Up to ``count`` answer windows ``[N, seq_len]`` and their answer-token mask (bool, same shape).
 
     Call while the model runs full attention (it is left so); ``student`` (built for this model, needed
-    when ``student_share > 0``) answers its share of the prompts; ``chat``: each episode's prompt goes
-    through the tokenizer's chat template (:mod:`less_exp.prompts`), so answers end with its end-of-turn. The result is cached in ``cache_dir``
-    under a hash of the model, the source documents, the settings and the student's parameters. Each
+    when ``student_share > 0``) answers its share of the prompts; with ``chat`` each episode's prompt
+    goes through the tokenizer's chat template (:mod:`less_exp.prompts`), so answers end with its
+    end-of-turn token. The result is cached in ``cache_dir`` under a hash of the model, the source
+    documents, the settings and the student's parameters. Each
     finished window is saved as it comes (generation is greedy, so the rest of a build continues from
     the next document): a killed build resumes where it stopped rather than redoing minutes a window.
     """
