@@ -28,6 +28,11 @@ RATIO_BASES = (None, "max_positions", "length")
 SCORE_BLOCK = 256  # steps whose attention weights a ranking policy's schedule holds at once
 
 
+def logical_positions(valid: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` long: each real token's position counting real tokens only, -1 at padding."""
+    return torch.where(valid, valid.long().cumsum(-1) - 1, -1)
+
+
 @dataclass(frozen=True)
 class Budget:
     """Resolved absolute token counts. ``capacity`` is ``None`` for a cache that never evicts."""
@@ -215,7 +220,10 @@ class EvictionPolicy:
         every_row = bool(arrive.all())
         for j in range(c):
             if self.uses_scores and j % SCORE_BLOCK == 0:
-                weights, first = self._step_weights(logits, arrive, present0[:, :heads], j, min(j + SCORE_BLOCK, c)), j
+                # exp(logit - max over the keys a query could see); a step's attention is its row restricted
+                # to the kept set, normalised (the decode face gets the same from a log-sum-exp)
+                masked, top = self._step_logits(logits, arrive, present0[:, :heads], j, min(j + SCORE_BLOCK, c))
+                weights, first = (masked - top[..., None]).exp(), j
             here = arrive[:, j, None]
             present[..., N + j] = here
             if may_evict[j]:
@@ -238,10 +246,10 @@ class EvictionPolicy:
         return Schedule(keep, evicted, present, logical, scores, count0 + arrive.long().sum(-1))
 
     @staticmethod
-    def _step_weights(logits, arrive: torch.Tensor, present0: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """``exp(logit - max over the keys a query could see)`` for the steps ``start:stop``; a step's
-        attention is its row restricted to the kept set, normalised (the decode face gets the same from
-        a log-sum-exp). Made a block of steps at a time, so that no S x S float32 tensor is held."""
+    def _step_logits(logits, arrive: torch.Tensor, present0: torch.Tensor, start: int, stop: int):
+        """The logits of the steps ``start:stop`` with -inf at the keys their queries cannot see (not in
+        the cache's ``present0 [B, Hkv, N]``, not yet arrived, padding), and each row's max (at least
+        -1e30). Made a block of steps at a time, so that no S x S float32 tensor is held."""
         B, heads, N = present0.shape
         c = arrive.shape[1]
         rows = logits[..., start:stop, :] if isinstance(logits, torch.Tensor) else logits(start, stop)
@@ -249,7 +257,7 @@ class EvictionPolicy:
         arrived = arrive[:, None, :] & (torch.arange(c, device=arrive.device)[None, :] <= step)  # [B, rows, c]
         seen = torch.cat([present0[:, :, None, :].expand(B, heads, stop - start, N), arrived[:, None].expand(B, heads, -1, c)], -1)
         masked = rows.masked_fill(~seen[:, :, None], -math.inf)
-        return (masked - masked.amax(-1, keepdim=True).clamp_min(-1e30)).exp()
+        return masked, masked.amax(-1).clamp_min(-1e30)
 
     # ------------------------------------------------------------- parallel face
     def keep_mask(
@@ -264,7 +272,7 @@ class EvictionPolicy:
             B, S = valid.shape
             causal = torch.ones(S, S, dtype=torch.bool, device=valid.device).tril()
             keep = (causal & valid[:, None, None, :]) | (~valid[:, None, :, None] & torch.eye(S, dtype=torch.bool, device=valid.device))
-            logical = torch.where(valid, valid.long().cumsum(-1) - 1, -1)[:, None].expand(B, num_kv_heads, S)
+            logical = logical_positions(valid)[:, None].expand(B, num_kv_heads, S)
             return Schedule(
                 keep.expand(B, num_kv_heads, S, S),
                 torch.full((B, num_kv_heads, S), -1, dtype=torch.long, device=valid.device),
@@ -294,16 +302,13 @@ class EvictionPolicy:
         scores = torch.zeros(B, H, M, dtype=torch.float32, device=device)
         keep = torch.zeros(B, H, S, S + 1, dtype=torch.bool, device=device)
         evicted = torch.full((B, H, S), -1, dtype=torch.long, device=device)
-        logical = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
+        logical = logical_positions(valid)
         may_evict = (valid.long().cumsum(-1).amax(0) > budget.capacity).tolist()
+        empty = torch.zeros(B, H, 0, dtype=torch.bool, device=device)  # the parallel face starts from an empty cache
         for j in range(S):
             if j % SCORE_BLOCK == 0:
-                stop = min(j + SCORE_BLOCK, S)
-                rows = logits[..., j:stop, :] if isinstance(logits, torch.Tensor) else logits(j, stop)
-                seen = valid[:, None, :] & (torch.arange(S, device=device)[None, :] <= torch.arange(j, stop, device=device)[:, None])
-                top = rows.masked_fill(~seen[:, None, None], -math.inf).amax(-1).clamp_min(-1e30)  # [B, H, G, rows]
-                rows = torch.cat([rows, rows.new_zeros(*rows.shape[:-1], 1)], -1)
-                first = j
+                rows, top = self._step_logits(logits, valid, empty, j, min(j + SCORE_BLOCK, S))
+                rows, first = torch.cat([rows, rows.new_zeros(*rows.shape[:-1], 1)], -1), j  # the spare column S
             here = valid[:, j, None]
             current = logical[:, j, None, None]
             present[..., -1] = here
@@ -316,8 +321,9 @@ class EvictionPolicy:
                 evict, victim = self.victim(present, slot_logical, scores, current, budget)
                 present.scatter_(-1, victim[..., None], present.gather(-1, victim[..., None]) & ~evict[..., None])
                 evicted[..., j] = torch.where(evict, phys.gather(-1, victim[..., None])[..., 0], -1)
-            keep[:, :, j].scatter_(-1, torch.where(present, phys, S), present)
-            row = rows[:, :, :, j - first].gather(-1, torch.where(present, phys, S)[:, :, None].expand(-1, -1, rows.shape[2], -1))
+            at = torch.where(present, phys, S)  # each kept token's position; S (the spare column) for the rest
+            keep[:, :, j].scatter_(-1, at, present)
+            row = rows[:, :, :, j - first].gather(-1, at[:, :, None].expand(-1, -1, rows.shape[2], -1))
             w = (row - top[:, :, :, j - first, None]).exp() * present[:, :, None]
             new = self.accumulate(scores, (w / w.sum(-1, keepdim=True)).sum(2))
             scores = torch.where(here[..., None], new, scores)
@@ -328,8 +334,9 @@ class EvictionPolicy:
                 buf.scatter_(-1, target, buf[..., -1:].clone())
             present[..., -1] = False
         keep = torch.where(valid[:, None, :, None], keep[..., :S], torch.eye(S, dtype=torch.bool, device=device))
-        final = torch.zeros(B, H, S + 1, dtype=torch.bool, device=device).scatter_(-1, torch.where(present, phys, S), present)[..., :S]
-        final_scores = torch.zeros(B, H, S + 1, device=device).scatter_(-1, torch.where(present, phys, S), scores)[..., :S]
+        at = torch.where(present, phys, S)
+        final = torch.zeros(B, H, S + 1, dtype=torch.bool, device=device).scatter_(-1, at, present)[..., :S]
+        final_scores = torch.zeros(B, H, S + 1, device=device).scatter_(-1, at, scores)[..., :S]
         return Schedule(keep, evicted, final, logical[:, None].expand(B, H, S), final_scores * final, valid.long().sum(-1))
 
     @property
@@ -345,7 +352,7 @@ class EvictionPolicy:
         B, S = valid.shape
         device = valid.device
         window = budget.capacity - budget.sink
-        logical = torch.where(valid, valid.long().cumsum(-1) - 1, -1)
+        logical = logical_positions(valid)
         lq, lk = logical[:, :, None], logical[:, None, :]
         keep = valid[:, None, :] & (lk <= lq) & ((lk < budget.sink) | (lk > lq - window))
         keep = torch.where(valid[:, :, None], keep, torch.eye(S, dtype=torch.bool, device=device))  # padding sees itself
