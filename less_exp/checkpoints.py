@@ -267,6 +267,7 @@ def header(cfg: DictConfig, model: torch.nn.Module, states, budget, training: di
     ``training`` (the mode and what else decides the parameters, such as the checkpoint it started from)."""
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     policy.pop("baseline_plus", None)
+    policy.pop("prefill", None)  # a state trained stepwise serves a one-shot prefill as well
     head = {
         "format": FORMAT,
         "model": {"name": cfg.model.name, "source": cfg.model.source, "id": _model_id(cfg.model), **model_identity(model)},
@@ -570,7 +571,9 @@ def check(cfg: DictConfig) -> dict:
             )
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     policy.pop("baseline_plus", None)
+    policy.pop("prefill", None)
     trained_policy = dict(manifest["policy"])
+    trained_policy.pop("prefill", None)
     match = cfg.get("checkpoint_budget", "trained")
     if match not in BUDGET_MATCH:
         raise ConfigError(f"checkpoint_budget={match!r} is not one of {BUDGET_MATCH}")

@@ -179,6 +179,7 @@ SECTIONS: dict[str, dict[str, Key | str]] = {
         "_target_": TARGET, "name": LABEL,
         **{k: Num(ge=0, why="a token count, or a ratio with policy.ratio_of") for k in ("sink", "heavy", "recent")},
         "ratio_of": Str("max_positions", "length", null=True), "baseline_plus": Bool(),
+        "prefill": Str("stepwise", "one_shot"),
     },
     "feature_map": {
         "_target_": TARGET, "name": LABEL, "features": Int(ge=1, null=True, why="the state's feature count"),
@@ -332,6 +333,23 @@ def _rule_lengths(cfg: dict) -> None:
         raise ConfigError(f"task.decode_tokens={task['decode_tokens']} must be larger than task.warmup_tokens={task['warmup_tokens']}")
 
 
+SCORES_EVERY_TOKEN = ("perplexity", "consistency", "wikitext_harness")
+
+
+def _rule_prefill(cfg: dict) -> None:
+    """A one-shot prefill only exists where a cache takes a prompt: perplexity, the consistency check and
+    training score every token under the policy, which one-shot would leave unevicted."""
+    if (cfg.get("policy") or {}).get("prefill") != "one_shot":
+        return
+    task = (cfg.get("task") or {}).get("name")
+    if cfg.get("training") and cfg["training"].get("mode") != "interpolate":
+        raise ConfigError("policy.prefill=one_shot is a way to serve a prompt; training scores every token under "
+                          "the policy: train with policy.prefill=stepwise (its state serves one-shot as well)")
+    if task in SCORES_EVERY_TOKEN:
+        raise ConfigError(f"task={task} scores every token under the policy, and policy.prefill=one_shot would let "
+                          "them all attend fully; use policy.prefill=stepwise (one_shot is for generating tasks)")
+
+
 def _rule_distinct(cfg: dict) -> None:
     """A grid's lengths and depths are each listed once."""
     task = cfg.get("task") or {}
@@ -413,5 +431,5 @@ def _rule_training(cfg: dict) -> None:
                               f"(with data.answers.student_share > 0 for the student's own loops) or {off}")
 
 
-RULES: tuple[Callable[[dict], None], ...] = (_rule_lengths, _rule_distinct, _rule_sampling, _rule_layers, _rule_answers,
+RULES: tuple[Callable[[dict], None], ...] = (_rule_lengths, _rule_prefill, _rule_distinct, _rule_sampling, _rule_layers, _rule_answers,
                                              _rule_state, _rule_training)

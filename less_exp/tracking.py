@@ -151,7 +151,7 @@ def axes(config: Mapping[str, Any], job: str) -> dict[str, Any]:
     ``config`` of its ``results.json``), under the names every run, dashboard and report shares.
 
     ``budget`` is the policy's capacity before Baseline+ (``baseline_plus`` says whether the state's size is
-    added), ``budget_sink/heavy/recent`` its parts (ratios, with ``budget_ratio_of``, when they resolve per
+    added; ``prefill`` how a cache takes a prompt), ``budget_sink/heavy/recent`` its parts (ratios, with ``budget_ratio_of``, when they resolve per
     prompt), both absent for a cache that never evicts. An eval that loads a checkpoint takes its state's
     components and ``training_mode`` from the checkpoint's manifest, as the job does; a run without a state
     has ``gating``, ``reweighting`` and ``normalizer`` ``"none"``. ``data`` is the task's own data set
@@ -165,6 +165,7 @@ def axes(config: Mapping[str, Any], job: str) -> dict[str, Any]:
     out: dict[str, Any] = {"model": _get(cfg.get("model"), "name"), "policy": _get(cfg.get("policy"), "name")}
     out.update(_budget(cfg, job))
     out["baseline_plus"] = bool(_get(cfg.get("policy"), "baseline_plus", False))
+    out["prefill"] = _get(cfg.get("policy"), "prefill", "stepwise")
     feature_map = _get(cfg.get("feature_map"), "name", "none")
     out["feature_map"] = _get(manifest.get("feature_map"), "name", "none") if feature_map == "none" else feature_map
     for group, default in (("gating", "none"), ("reweighting", "none"), ("normalizer", "joint")):

@@ -4,7 +4,8 @@
 transformers calls it as ``fn(module, query, key, value, attention_mask, scaling=..., **kwargs)`` with
 post-RoPE queries ``[B, H, q, d]`` and keys/values ``[B, Hkv, k, d]`` after the cache update. Without a
 :class:`~less_exp.adapter.cache.LessCache` (or during its prefill) it runs the parallel form over the
-whole sequence; once the cache is decoding it hands the new tokens to the cache, which admits them,
+whole sequence (or, with ``policy.prefill=one_shot`` and a cache, full attention and one cut to the
+budget); once the cache is decoding it hands the new tokens to the cache, which admits them,
 evicts and attends. Everything inside runs in float32; the output returns in the model's dtype.
 """
 
@@ -54,7 +55,9 @@ def less_attention(module, query, key, value, attention_mask, scaling=None, drop
                 "decoding with the 'less' attention needs a LessCache: pass cache=LessCache(model) "
                 "(a DynamicCache keeps every token, which is not what the policy describes)"
             )
-        out, prefill = comp.parallel(module.layer_idx, query, key, value, valid, scaling)
+        one_shot = cache_layer is not None and comp.policy.prefill == "one_shot"
+        form = comp.one_shot if one_shot else comp.parallel
+        out, prefill = form(module.layer_idx, query, key, value, valid, scaling)
         if cache_layer is not None:
             cache_layer.start_from_prefill(key, value, prefill)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None

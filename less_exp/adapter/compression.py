@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from less_exp.ops import attention_logits, blocked_sparse_attention, gather_stream, stream_positions
+from less_exp.ops import attention_logits, blocked_sparse_attention, causal_attention, gather_stream, stream_positions
 from less_exp.policies import Budget, EvictionPolicy, Schedule
 from less_exp.state import LessStates
 
@@ -93,10 +93,30 @@ class Compression:
                                       chunk_size=self.chunk_size, query_pos=q_pos, stream_pos=s_pos, gates=gates)
         return out.reshape(B, H, S, d), Prefill(budget, sched, final, None if gates is None else gates.ages)
 
+    def one_shot(self, layer_idx, query, key, value, valid, scaling) -> tuple[torch.Tensor, Prefill]:
+        """A one-shot prefill (``policy.prefill=one_shot``) for one layer: the prompt attends fully, then
+        :meth:`EvictionPolicy.compress` cuts it to the budget by the policy's scores over the prompt and
+        the state folds in what was evicted. Returns ``[B, H, S, d]`` float32 and what a cache needs."""
+        B, H, S, d = query.shape
+        valid = valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=key.device)
+        budget = self.budget(int(valid.sum(-1).max()))
+        scored = self.policy.uses_scores and budget.capacity is not None
+        out, received, last = causal_attention(query, key, value, valid, scaling, self.attention_block, scores=scored)
+        scores = self.policy.prompt_scores(received, last) if scored else None
+        sched = self.policy.compress(budget, valid, self.num_kv_heads, scores)
+        state, final, gates = self.state(layer_idx), None, None
+        if state is not None:
+            ev = sched.evicted
+            gates = state.gates(value, valid, ev)
+            final = state.fold(gather_stream(key, ev), gather_stream(value, ev), ev >= 0,
+                               stream_positions(sched.logical, ev, S)[1], gates)
+        return out, Prefill(budget, sched, final, None if gates is None else gates.ages)
+
     def describe(self, length: int) -> dict:
         budget = self.budget(length)
         return {
             "policy": self.policy.name,
+            "prefill": self.policy.prefill,
             "budget": budget.capacity,
             "sink": budget.sink,
             "heavy": budget.heavy,

@@ -5,6 +5,7 @@ joint normaliser, and float64 references in ``naive``. Nothing here knows about 
 from less_exp.ops.gates import stream_log_weights
 from less_exp.ops.linear_attention import (
     chunk_linear_attention,
+    fold_stream,
     gather_stream,
     linear_attention,
     parallel_linear_attention,
@@ -12,12 +13,14 @@ from less_exp.ops.linear_attention import (
     stream_positions,
 )
 from less_exp.ops.normalize import joint_normalize, norm_mix
-from less_exp.ops.sparse import attention_logits, blocked_sparse_attention, sparse_attention
+from less_exp.ops.sparse import attention_logits, blocked_sparse_attention, causal_attention, sparse_attention
 
 __all__ = [
     "attention_logits",
     "blocked_sparse_attention",
+    "causal_attention",
     "chunk_linear_attention",
+    "fold_stream",
     "gather_stream",
     "joint_normalize",
     "norm_mix",

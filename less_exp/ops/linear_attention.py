@@ -155,6 +155,21 @@ def recurrent_linear_attention(phi, psi, value, initial=None, g=None):
     return (*_split(torch.cat(outs, dim=3)), state)
 
 
+def fold_stream(psi, value, initial=None, g=None):
+    """The state after the whole stream, with no read-out: ``exp(G_T) S_0 + sum_s exp(G_T - G_s) psi_s v_s^T``
+    (``G`` the running log-gate, 0 without gates), one matmul. A one-shot prefill folds its evicted
+    tokens with it; it equals the final state of every other form."""
+    ve = with_ones(value)
+    psi = psi.float()
+    state = empty_state(psi, value) if initial is None else initial
+    g = _log_gates(g, psi)
+    if g is None:
+        return state + torch.matmul(psi.transpose(-1, -2), ve)
+    running = g.cumsum(2)
+    total = running[:, :, -1:]
+    return total[:, :, 0, :, None].exp() * state + torch.matmul((psi * (total - running).exp()).transpose(-1, -2), ve)
+
+
 def linear_attention(phi, psi, value, initial=None, chunk_size: int = 64, g=None):
     """The form to use: one recurrent step for a single entry, the chunked form otherwise."""
     if psi.shape[2] == 1:

@@ -67,3 +67,43 @@ def blocked_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=3), torch.cat(lses, dim=3)
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                     scaling: float, block: int = 256, scores: bool = False):
+    """Full causal attention in float32 (``valid [B, S]`` False at padding, which sees only itself):
+    ``(out [B, H, S, d], received [B, Hkv, S], last [B, Hkv, S])``. With ``scores`` it also gives the
+    attention each key received summed over every real query of a KV head's group, and that of each
+    row's last real query (what H2O and TOVA rank a prompt by), ``block`` queries at a time so that
+    no S x S float32 tensor is held; without, it is one ``scaled_dot_product_attention`` call and the
+    two are None."""
+    B, H, S, d = query.shape
+    Hkv = key.shape[1]
+    positions = torch.arange(S, device=query.device)
+    if not scores:
+        if valid is None or bool(valid.all()):
+            mask, causal = None, True
+        else:
+            mask = (positions[None, :] <= positions[:, None]) & valid[:, None, :]
+            mask = (mask | (~valid[:, :, None] & torch.eye(S, dtype=torch.bool, device=query.device)))[:, None]
+            causal = False
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), key.float(), value.float(), attn_mask=mask, is_causal=causal, scale=scaling,
+            enable_gqa=H != Hkv)
+        return out, None, None
+    valid = torch.ones(B, S, dtype=torch.bool, device=query.device) if valid is None else valid
+    last = S - 1 - valid.flip(-1).to(torch.int8).argmax(-1)  # each row's last real position
+    received = torch.zeros(B, Hkv, S, dtype=torch.float32, device=query.device)
+    final = torch.zeros_like(received)
+    outs = []
+    for start in range(0, S, block):
+        rows = positions[start:start + block]
+        keep = (positions[None, :] <= rows[:, None]) & valid[:, None, :]
+        keep = keep | (~valid[:, start:start + block, None] & (positions[None, :] == rows[:, None]))
+        out, _, probs = sparse_attention(attention_logits(query[..., start:start + block, :], key, scaling),
+                                         keep[:, None], value)
+        outs.append(out)
+        real = valid[:, start:start + block]
+        received += torch.einsum("bhgqk,bq->bhk", probs, real.float())
+        final += torch.einsum("bhgqk,bq->bhk", probs, (rows[None, :] == last[:, None]).float())
+    return torch.cat(outs, dim=3).reshape(B, H, S, d), received, final

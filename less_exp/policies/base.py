@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 RATIO_BASES = (None, "max_positions", "length")
+PREFILLS = ("stepwise", "one_shot")
 SCORE_BLOCK = 256  # steps whose attention weights a ranking policy's schedule holds at once
 
 
@@ -60,6 +61,11 @@ class EvictionPolicy:
             the sequence (prompt) length (as H2O does).
         baseline_plus: add the LESS state's size in token-equivalents to the budget, so that a plain
             policy is compared with LESS at equal memory ("Baseline+" in the LESS paper).
+        prefill: how a cache takes a prompt. ``stepwise`` (the LESS paper): the prompt itself runs under
+            eviction, token by token. ``one_shot`` (H2O's serving, SnapKV, kvpress): the prompt attends
+            fully, then the cache is cut once to the budget by :meth:`compress` and the evicted tokens
+            are folded into the state. Only a prefill into a cache reads it; a form that scores every
+            token under the policy (perplexity, training) is stepwise.
     """
 
     sink: float = 0
@@ -67,6 +73,7 @@ class EvictionPolicy:
     recent: float = 0
     ratio_of: str | None = None
     baseline_plus: bool = False
+    prefill: str = "stepwise"
 
     name: ClassVar[str] = "base"
     uses_scores: ClassVar[bool] = False
@@ -75,6 +82,8 @@ class EvictionPolicy:
     def __post_init__(self) -> None:
         if self.ratio_of not in RATIO_BASES:
             raise ValueError(f"policy.ratio_of must be one of {RATIO_BASES}, got {self.ratio_of!r}")
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"policy.prefill must be one of {PREFILLS}, got {self.prefill!r}")
         if not isinstance(self.baseline_plus, bool):
             raise ValueError(f"policy.baseline_plus={self.baseline_plus!r} must be true or false")
         for field in ("sink", "heavy", "recent"):
@@ -137,6 +146,11 @@ class EvictionPolicy:
     def accumulate(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """New per-token scores after a query attended with ``probs`` (summed over a KV head's queries)."""
         return scores
+
+    def prompt_scores(self, received: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Running scores after a prompt attended in full (one-shot prefill): ``received [B, Hkv, S]`` the
+        attention each token got from every query, ``last`` that of the last query. Default: accumulated."""
+        return self.accumulate(torch.zeros_like(received), received)
 
     # ------------------------------------------------------------- the step rule
     def victim(
@@ -339,6 +353,36 @@ class EvictionPolicy:
         final_scores = torch.zeros(B, H, S + 1, device=device).scatter_(-1, at, scores)[..., :S]
         return Schedule(keep, evicted, final, logical[:, None].expand(B, H, S), final_scores * final, valid.long().sum(-1))
 
+    def compress(self, budget: Budget, valid: torch.Tensor, num_kv_heads: int,
+                 scores: torch.Tensor | None = None) -> "Schedule":
+        """One-shot compression of a whole prompt (``prefill=one_shot``, ``valid [B, S]``): the step rule's
+        ranking applied once, as if the prompt had arrived in a single step. Kept are the ``sink`` first
+        and ``recent`` last real tokens and, of the rest, the ``capacity`` minus those of highest priority
+        (ties to the newest); for an oldest-first policy that is the stepwise final set. ``scores [B,
+        Hkv, S]`` from :meth:`prompt_scores` (ranking policies). ``keep`` is None (every query saw its
+        whole past); ``evicted`` lists each evicted token at its own step, so a state folds them in
+        prompt order, and the gated weight ``exp(G_end - G_s)`` does not depend on when it left."""
+        B, S = valid.shape
+        device = valid.device
+        heads = (B, num_kv_heads, S)
+        logical = logical_positions(valid)
+        count = valid.long().sum(-1)
+        scores = torch.zeros(heads, device=device) if scores is None else scores.float()
+        at = logical[:, None].expand(heads)
+        if budget.capacity is None:
+            present = valid[:, None].expand(heads)
+        else:
+            protected = valid & ((logical < budget.sink) | (logical >= (count - budget.recent)[:, None]))
+            candidates = (valid & ~protected)[:, None].expand(heads)
+            room = (budget.capacity - protected.long().sum(-1)).clamp_min(0)
+            rank = self.priority(at, scores).double().masked_fill(~candidates, -math.inf)
+            order = torch.arange(S - 1, -1, -1, device=device).expand(heads)  # newest first, then by priority
+            order = order.gather(-1, rank.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+            place = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=device).expand(heads))
+            present = protected[:, None] | (candidates & (place < room[:, None, None]))
+        evicted = torch.where(valid[:, None] & ~present, torch.arange(S, device=device), -1)
+        return Schedule(None, evicted, present, at, scores * present, count)
+
     @property
     def oldest_first(self) -> bool:
         """Whether the policy ranks by age alone (window, sink): then the step rule has a closed form."""
@@ -388,7 +432,8 @@ class Schedule:
     """What the step rule decided for ``c`` incoming tokens over ``N`` cache slots plus the ``c`` new ones.
 
     Attributes:
-        keep: ``[B, Hkv, c, N + c]`` bool, the keys each incoming query sees.
+        keep: ``[B, Hkv, c, N + c]`` bool, the keys each incoming query sees (None after a one-shot
+            compression, where every query saw its whole past).
         evicted: ``[B, Hkv, c]`` long, index (into ``N + c``) of the token that left at each step, -1 when
             none did: the evicted stream that the LESS state absorbs.
         present, logical, scores: ``[B, Hkv, N + c]`` kept set, logical positions and running scores
@@ -396,7 +441,7 @@ class Schedule:
         count: ``[B]`` tokens seen after the last step (padding excluded).
     """
 
-    keep: torch.Tensor
+    keep: torch.Tensor | None
     evicted: torch.Tensor
     present: torch.Tensor
     logical: torch.Tensor

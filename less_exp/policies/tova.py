@@ -22,3 +22,6 @@ class TOVA(ScoredPolicy):
 
     def accumulate(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return probs
+
+    def prompt_scores(self, received: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        return last

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from less_exp.ops.gates import stream_log_weights
-from less_exp.ops.linear_attention import linear_attention
+from less_exp.ops.linear_attention import fold_stream, linear_attention
 from less_exp.state.feature_maps import FeatureMap
 from less_exp.state.gating import Gating
 from less_exp.state.normalizers import JointNormalizer, NormNormalizer
@@ -123,16 +123,28 @@ class LessState(nn.Module):
             raise ValueError("this state's re-weighting needs query_pos and stream_pos")
         phi, offset = self.phi_with_offset(query.float(), query_pos)
         phi = phi.reshape(B, Hkv, H // Hkv, c, -1)
-        if (gates is None) != (self.gating is None):
-            raise ValueError("a gated state needs gates (LessState.gates), an ungated one takes none")
-        psi = self.psi(stream_key.float(), stream_pos) * has[..., None]
-        g = None
-        if gates is not None:
-            psi, g = psi * gates.log_weight.exp(), gates.g
+        psi, g = self._stream(stream_key, has, stream_pos, gates)
         num, den, final = linear_attention(phi, psi, stream_value, initial, chunk_size, g)
         if offset is not None:
             offset = offset.reshape(B, Hkv, H // Hkv, c)
         return self.normalizer(o_sparse, lse, num, den, offset), final
+
+    def fold(self, stream_key: torch.Tensor, stream_value: torch.Tensor, has: torch.Tensor,
+             stream_pos: torch.Tensor | None = None, gates: Gates | None = None,
+             initial: torch.Tensor | None = None) -> torch.Tensor:
+        """The state after absorbing a stream (arguments as :meth:`attend`) with no query reading it:
+        how a one-shot prefill takes in the tokens it evicts."""
+        psi, g = self._stream(stream_key, has, stream_pos, gates)
+        return fold_stream(psi, stream_value, initial, g)
+
+    def _stream(self, stream_key, has, stream_pos, gates):
+        """The stream's key features, each scaled by the gated weight it enters with, and the log-gates."""
+        if (gates is None) != (self.gating is None):
+            raise ValueError("a gated state needs gates (LessState.gates), an ungated one takes none")
+        psi = self.psi(stream_key.float(), stream_pos) * has[..., None]
+        if gates is None:
+            return psi, None
+        return psi * gates.log_weight.exp(), gates.g
 
     def token_equivalents(self) -> float:
         """State size per KV head in cached tokens (a token costs 2 d numbers: key and value)."""
