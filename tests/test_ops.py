@@ -316,3 +316,25 @@ def test_blocked_sparse_attention_equals_the_whole_form_with_its_gradients(dtype
     with torch.no_grad():
         out, lse = blocked_sparse_attention(q, k, v, keep, 0.3, block=8)
     torch.testing.assert_close(out, grads[0][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("heads", [4, 1], ids=["per-head", "shared"])
+def test_headwise_matmul_equals_the_broadcast_product(dtype, heads):
+    """One weight matrix per head, rows of the batch folded together: the same values and gradients
+    as ``torch.matmul``'s broadcast (which copies the weights for every row)."""
+    from less_exp.ops import headwise_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(heads, 6, 7, generator=gen).requires_grad_()
+    out = headwise_matmul(x, w)
+    reference = torch.matmul(x.detach().double(), w.detach().double())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.01}[dtype]
+    assert out.dtype == dtype and out.shape == (3, 4, 5, 7)
+    torch.testing.assert_close(out.double(), reference, atol=tol, rtol=tol)
+    out.float().square().sum().backward()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    torch.matmul(xd, wd).square().sum().backward()
+    torch.testing.assert_close(w.grad.double(), wd.grad, atol=tol * 50, rtol=tol * 5)
+    torch.testing.assert_close(x.grad.double(), xd.grad, atol=tol * 50, rtol=tol * 5)

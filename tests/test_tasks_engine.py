@@ -55,8 +55,16 @@ def test_generate_task_writes_generations(compose_config, tmp_path):
 def test_bench_task_shows_flat_memory_for_the_policy(compose_config):
     metrics = evaluate(compose_config("eval", [*TINY, "task=bench", "task.context_lengths=[64,256]",
                                                "task.decode_tokens=6", "task.warmup_tokens=2",
-                                               "task.prefill_chunk=64"]))
+                                               "task.prefill_chunk=64", "task.memory_cap_gb=0.02",
+                                               "task.max_batch=300", "task.throughput_tokens=2"]))
     assert metrics["policy/64/cache_mb"] == metrics["policy/256/cache_mb"]
+    # under a 20 MB cap the full cache's rows grow with the context, the policy's do not
+    assert metrics["full/256/throughput_batch"] < metrics["full/64/throughput_batch"] <= 300
+    assert metrics["policy/256/throughput_batch"] == metrics["policy/64/throughput_batch"] > metrics["full/256/throughput_batch"]
+    assert all(metrics[f"{m}/256/throughput_tokens_per_s"] > 0 for m in ("full", "policy", "less"))
+    assert metrics["policy/256/throughput_vs_full"] == pytest.approx(
+        metrics["policy/256/throughput_tokens_per_s"] / metrics["full/256/throughput_tokens_per_s"])
+    assert all(metrics[f"{m}/256/prefill_peak_mb"] >= 0 for m in ("full", "policy", "less"))
     assert metrics["less/64/cache_mb"] == metrics["less/256/cache_mb"] > metrics["policy/64/cache_mb"]
     assert metrics["full/256/cache_mb"] == pytest.approx(4 * metrics["full/64/cache_mb"], rel=0.1)
     assert metrics["state_token_equivalents"] > 0

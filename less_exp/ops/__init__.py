@@ -3,6 +3,7 @@ state part as a causal linear attention over the evicted stream (parallel, chunk
 joint normaliser, and float64 references in ``naive``. Nothing here knows about modules or models."""
 
 from less_exp.ops.gates import stream_log_weights
+from less_exp.ops.headwise import headwise_matmul
 from less_exp.ops.linear_attention import (
     chunk_linear_attention,
     fold_stream,
@@ -22,6 +23,7 @@ __all__ = [
     "chunk_linear_attention",
     "fold_stream",
     "gather_stream",
+    "headwise_matmul",
     "joint_normalize",
     "norm_mix",
     "linear_attention",

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from less_exp.ops.headwise import headwise_matmul
+
 
 def _require(kind, **values) -> None:
     """Each value must be of ``kind`` (bools excluded): a config typo fails with its name, not a TypeError."""
@@ -90,11 +92,11 @@ class HeadwiseMLP(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, heads, S, d] -> [B, heads, S, out]``; matmul broadcasts the per-head weights."""
-        hidden = nn.functional.gelu(torch.matmul(x, self.w1.to(x.dtype)))
+        """``x [B, heads, S, d] -> [B, heads, S, out]``."""
+        hidden = nn.functional.gelu(headwise_matmul(x, self.w1))
         if self.training and self.dropout > 0:
             hidden = nn.functional.dropout(hidden, self.dropout)
-        return torch.matmul(hidden, self.w2.to(x.dtype))
+        return headwise_matmul(hidden, self.w2)
 
 
 class LessMLP(FeatureMap):
@@ -160,7 +162,7 @@ class _Projected(FeatureMap):
         self.w_q = nn.Parameter(_by_kv_head(w, num_heads))
 
     def _project(self, x, w):
-        return x if w is None else torch.matmul(x, w.to(x.dtype))
+        return x if w is None else headwise_matmul(x, w)
 
     def _query(self, q):
         return self._act(self._project(q, self.w_q))
@@ -211,10 +213,10 @@ class InputProjection(nn.Module):
         self.w_k = nn.Parameter(eye.repeat(num_kv_heads, 1, 1)) if enabled else None
 
     def query(self, q):
-        return q if self.w_q is None else torch.matmul(q, self.w_q.to(q.dtype))
+        return q if self.w_q is None else headwise_matmul(q, self.w_q)
 
     def key(self, k):
-        return k if self.w_k is None else torch.matmul(k, self.w_k.to(k.dtype))
+        return k if self.w_k is None else headwise_matmul(k, self.w_k)
 
 
 def orthogonal_gaussian(rows: int, dim: int, gen: torch.Generator) -> torch.Tensor:
@@ -318,7 +320,7 @@ class Taylor(FeatureMap):
         self.register_buffer("pair_coef", coef, persistent=False)
 
     def _features(self, x, w):
-        y = torch.matmul(x, w.to(x.dtype))
+        y = headwise_matmul(x, w)
         second = y[..., self.pair_i] * y[..., self.pair_j] * self.pair_coef.to(x.dtype)
         return torch.cat([torch.ones_like(y[..., :1]), y * self.rank ** -0.25, second], dim=-1)
 
@@ -391,7 +393,7 @@ class Hedgehog(FeatureMap):
 
     @staticmethod
     def _features(x, w):
-        y = torch.matmul(x, w.to(x.dtype))
+        y = headwise_matmul(x, w)
         return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], dim=-1)
 
     def _query(self, q):

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from less_exp.ops.headwise import headwise_matmul
 from less_exp.state.feature_maps import _generator, _require
 
 
@@ -76,8 +77,8 @@ class ProportionNet(nn.Module):
         self.w2 = nn.Parameter(torch.randn(heads, hidden, 1, generator=gen) / math.sqrt(hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(torch.matmul(torch.relu(x), self.w1.to(x.dtype)))
-        return torch.sigmoid(torch.matmul(h, self.w2.to(x.dtype)))[..., 0]
+        h = torch.relu(headwise_matmul(torch.relu(x), self.w1))
+        return torch.sigmoid(headwise_matmul(h, self.w2))[..., 0]
 
 
 class LeaPformer(Reweighting):
