@@ -302,14 +302,18 @@ class EvictionPolicy:
         return self.schedule(budget, valid, num_kv_heads)
 
     def _slot_schedule(self, budget: Budget, valid: torch.Tensor, num_kv_heads: int, logits) -> "Schedule":
-        """:meth:`keep_mask` for a ranking policy: the step rule runs as the decoding cache runs it, over
-        ``capacity + 1`` slots (the last one the landing slot) instead of over every position, so a step
-        costs O(budget) rather than O(S); the attention a step adds to the scores is read from the
-        logits at the kept slots only. Scores are returned for the tokens still present (0 elsewhere)."""
+        """:meth:`keep_mask` for a ranking policy: the step rule runs over ``capacity`` slots instead of over
+        every position, so a step costs O(budget) rather than O(S); the attention a step adds to the
+        scores is read from the logits at the kept slots only. The newcomer is protected (``recent >=
+        1``), so once the slots are full the victim is among them and the newcomer takes its slot; until
+        then it takes the next free one (slots fill in order and an eviction refills at once). A spare
+        slot at the end absorbs the writes of padding steps. Scores are returned for the tokens still
+        present (0 elsewhere)."""
         if logits is None:
             raise ValueError(f"{self.name} ranks tokens by attention and needs the attention logits")
         B, S = valid.shape
-        H, device, M = num_kv_heads, valid.device, budget.capacity + 1
+        H, device, cap = num_kv_heads, valid.device, budget.capacity
+        M = cap + 1  # the last slot is the spare
         phys = torch.full((B, H, M), S, dtype=torch.long, device=device)  # S: no token (a spare column below)
         present = torch.zeros(B, H, M, dtype=torch.bool, device=device)
         slot_logical = torch.full((B, H, M), -1, dtype=torch.long, device=device)
@@ -317,71 +321,50 @@ class EvictionPolicy:
         keep = torch.zeros(B, H, S, S + 1, dtype=torch.bool, device=device)
         evicted = torch.full((B, H, S), -1, dtype=torch.long, device=device)
         logical = logical_positions(valid)
-        may_evict = (valid.long().cumsum(-1).amax(0) > budget.capacity).tolist()
+        admitted = valid.long().cumsum(-1) - valid.long()  # real tokens before each step
+        full = admitted >= cap  # [B, S]: the slots are full when step j arrives
+        next_free = torch.where(valid, admitted.clamp_max(cap), cap)  # padding writes go to the spare slot
+        may_evict = (full & valid).any(0).tolist()
+        every_row = bool(valid.all())
         empty = torch.zeros(B, H, 0, dtype=torch.bool, device=device)  # the parallel face starts from an empty cache
+        big = torch.iinfo(torch.long).max
+        # per step, indexed on the first dimension (one view a step instead of several)
+        step_valid = valid.T[:, :, None, None].expand(S, B, H, 1)
+        step_logical = logical.T[:, :, None, None].expand(S, B, H, 1)
+        step_free = next_free.T[:, :, None, None].expand(S, B, H, 1)
+        step_evicts = (full & valid).T[:, :, None, None].expand(S, B, H, 1)
+        step_phys = torch.arange(S, device=device)[:, None, None, None].expand(S, B, H, 1)
+        zero = scores.new_zeros(B, H, 1)
         for j in range(S):
             if j % SCORE_BLOCK == 0:
                 rows, top = self._step_logits(logits, valid, empty, j, min(j + SCORE_BLOCK, S))
-                rows, first = torch.cat([rows, rows.new_zeros(*rows.shape[:-1], 1)], -1), j  # the spare column S
-            here = valid[:, j, None]
-            current = logical[:, j, None, None]
-            present[..., -1] = here
-            phys[..., -1] = j
-            slot_logical[..., -1] = torch.where(here, logical[:, j, None], -1)
-            scores[..., -1] = 0.0
-            evict = torch.zeros(B, H, dtype=torch.bool, device=device)
-            victim = torch.zeros(B, H, dtype=torch.long, device=device)
+                # the spare column S at -inf: a slot without a token gets no attention, with no mask to apply
+                rows = torch.cat([rows, rows.new_full((*rows.shape[:-1], 1), -math.inf)], -1).permute(3, 0, 1, 2, 4).contiguous()
+                top, first = top.permute(3, 0, 1, 2)[..., None], j
+            target, here, current = step_free[j], step_valid[j], step_logical[j]
             if may_evict[j]:
-                evict, victim = self.victim(present, slot_logical, scores, current, budget)
-                present.scatter_(-1, victim[..., None], present.gather(-1, victim[..., None]) & ~evict[..., None])
-                evicted[..., j] = torch.where(evict, phys.gather(-1, victim[..., None])[..., 0], -1)
+                candidates = present & (slot_logical >= budget.sink) & (slot_logical <= current - budget.recent)
+                rank = self.priority(slot_logical, scores).masked_fill(~candidates, math.inf)
+                ties = candidates & (rank == rank.amin(-1, keepdim=True))
+                victim = slot_logical.masked_fill(~ties, big).argmin(-1, keepdim=True)
+                evict = step_evicts[j]
+                evicted[..., j] = torch.where(evict, phys.gather(-1, victim), -1)[..., 0]
+                target = torch.where(evict, victim, target)
+            present.scatter_(-1, target, here)
+            phys.scatter_(-1, target, step_phys[j])
+            slot_logical.scatter_(-1, target, current)
+            scores.scatter_(-1, target, zero)
             at = torch.where(present, phys, S)  # each kept token's position; S (the spare column) for the rest
             keep[:, :, j].scatter_(-1, at, present)
-            row = rows[:, :, :, j - first].gather(-1, at[:, :, None].expand(-1, -1, rows.shape[2], -1))
-            w = (row - top[:, :, :, j - first, None]).exp() * present[:, :, None]
+            row = rows[j - first].gather(-1, at[:, :, None].expand(-1, -1, rows.shape[3], -1))
+            w = (row - top[j - first]).exp()
             new = self.accumulate(scores, (w / w.sum(-1, keepdim=True)).sum(2))
-            scores = torch.where(here[..., None], new, scores)
-            free = (~present[..., :-1]).to(torch.int8).argmax(-1)
-            target = torch.where(evict, victim, free)[..., None]
-            target = torch.where(here[..., None], target, M - 1)
-            for buf in (present, phys, slot_logical, scores):
-                buf.scatter_(-1, target, buf[..., -1:].clone())
-            present[..., -1] = False
+            scores = new if every_row else torch.where(here, new, scores)
         keep = torch.where(valid[:, None, :, None], keep[..., :S], torch.eye(S, dtype=torch.bool, device=device))
         at = torch.where(present, phys, S)
         final = torch.zeros(B, H, S + 1, dtype=torch.bool, device=device).scatter_(-1, at, present)[..., :S]
         final_scores = torch.zeros(B, H, S + 1, device=device).scatter_(-1, at, scores)[..., :S]
         return Schedule(keep, evicted, final, logical[:, None].expand(B, H, S), final_scores * final, valid.long().sum(-1))
-
-    def compress(self, budget: Budget, valid: torch.Tensor, num_kv_heads: int,
-                 scores: torch.Tensor | None = None) -> "Schedule":
-        """One-shot compression of a whole prompt (``prefill=one_shot``, ``valid [B, S]``): the step rule's
-        ranking applied once, as if the prompt had arrived in a single step. Kept are the ``sink`` first
-        and ``recent`` last real tokens and, of the rest, the ``capacity`` minus those of highest priority
-        (ties to the newest); for an oldest-first policy that is the stepwise final set. ``scores [B,
-        Hkv, S]`` from :meth:`prompt_scores` (ranking policies). ``keep`` is None (every query saw its
-        whole past); ``evicted`` lists each evicted token at its own step, so a state folds them in
-        prompt order, and the gated weight ``exp(G_end - G_s)`` does not depend on when it left."""
-        B, S = valid.shape
-        device = valid.device
-        heads = (B, num_kv_heads, S)
-        logical = logical_positions(valid)
-        count = valid.long().sum(-1)
-        scores = torch.zeros(heads, device=device) if scores is None else scores.float()
-        at = logical[:, None].expand(heads)
-        if budget.capacity is None:
-            present = valid[:, None].expand(heads)
-        else:
-            protected = valid & ((logical < budget.sink) | (logical >= (count - budget.recent)[:, None]))
-            candidates = (valid & ~protected)[:, None].expand(heads)
-            room = (budget.capacity - protected.long().sum(-1)).clamp_min(0)
-            rank = self.priority(at, scores).double().masked_fill(~candidates, -math.inf)
-            order = torch.arange(S - 1, -1, -1, device=device).expand(heads)  # newest first, then by priority
-            order = order.gather(-1, rank.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
-            place = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=device).expand(heads))
-            present = protected[:, None] | (candidates & (place < room[:, None, None]))
-        evicted = torch.where(valid[:, None] & ~present, torch.arange(S, device=device), -1)
-        return Schedule(None, evicted, present, at, scores * present, count)
 
     @property
     def oldest_first(self) -> bool:
