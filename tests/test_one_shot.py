@@ -217,3 +217,23 @@ def test_one_shot_is_refused_where_every_token_is_scored(compose_config):
     with pytest.raises(ConfigError, match="policy.prefill"):
         check(compose_config("eval", ["model=tiny_llama", "policy=sink", "policy.prefill=once", "task=xsum"]))
     check(compose_config("eval", ["model=tiny_llama", "policy=h2o", "policy.prefill=one_shot", "task=xsum"]))
+
+
+@pytest.mark.parametrize("policy", ["sink", "h2o", "tova"])
+@pytest.mark.parametrize("state", ["less", "decay"])
+def test_one_shot_left_padded_batch_matches_single_rows(policy, state):
+    """Row 1 is left-padded: its one-shot cut, state and the decoding after it are those of the row alone."""
+    from less_exp.tasks.consistency import decode_logits
+
+    model, _ = tiny("tiny_qwen2")
+    build(model, POLICIES[policy](prefill="one_shot"), make_states(model, "less_mlp", "none" if state == "less" else state))
+    long, short, pad = ids(30, seed=1), ids(24, seed=2), 6
+    batch, mask = torch.zeros(2, 30, dtype=torch.long), torch.zeros(2, 30, dtype=torch.long)
+    batch[0], mask[0] = long[0], 1
+    batch[1, pad:], mask[1, pad:] = short[0], 1
+    with torch.no_grad():
+        together = decode_logits(model, batch, mask, prefill=20)
+        alone_long = decode_logits(model, long, None, prefill=20)
+        alone_short = decode_logits(model, short, None, prefill=20 - pad)
+    torch.testing.assert_close(together[0], alone_long[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[1, pad:], alone_short[0], atol=1e-4, rtol=1e-4)

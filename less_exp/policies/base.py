@@ -366,6 +366,36 @@ class EvictionPolicy:
         final_scores = torch.zeros(B, H, S + 1, device=device).scatter_(-1, at, scores)[..., :S]
         return Schedule(keep, evicted, final, logical[:, None].expand(B, H, S), final_scores * final, valid.long().sum(-1))
 
+    def compress(self, budget: Budget, valid: torch.Tensor, num_kv_heads: int,
+                 scores: torch.Tensor | None = None) -> "Schedule":
+        """One-shot compression of a whole prompt (``prefill=one_shot``, ``valid [B, S]``): the step rule's
+        ranking applied once, as if the prompt had arrived in a single step. Kept are the ``sink`` first
+        and ``recent`` last real tokens and, of the rest, the ``capacity`` minus those of highest priority
+        (ties to the newest); for an oldest-first policy that is the stepwise final set. ``scores [B,
+        Hkv, S]`` from :meth:`prompt_scores` (ranking policies). ``keep`` is None (every query saw its
+        whole past); ``evicted`` lists each evicted token at its own step, so a state folds them in
+        prompt order, and the gated weight ``exp(G_end - G_s)`` does not depend on when it left."""
+        B, S = valid.shape
+        device = valid.device
+        heads = (B, num_kv_heads, S)
+        logical = logical_positions(valid)
+        count = valid.long().sum(-1)
+        scores = torch.zeros(heads, device=device) if scores is None else scores.float()
+        at = logical[:, None].expand(heads)
+        if budget.capacity is None:
+            present = valid[:, None].expand(heads)
+        else:
+            protected = valid & ((logical < budget.sink) | (logical >= (count - budget.recent)[:, None]))
+            candidates = (valid & ~protected)[:, None].expand(heads)
+            room = (budget.capacity - protected.long().sum(-1)).clamp_min(0)
+            rank = self.priority(at, scores).double().masked_fill(~candidates, -math.inf)
+            order = torch.arange(S - 1, -1, -1, device=device).expand(heads)  # newest first, then by priority
+            order = order.gather(-1, rank.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+            place = torch.empty_like(order).scatter_(-1, order, torch.arange(S, device=device).expand(heads))
+            present = protected[:, None] | (candidates & (place < room[:, None, None]))
+        evicted = torch.where(valid[:, None] & ~present, torch.arange(S, device=device), -1)
+        return Schedule(None, evicted, present, at, scores * present, count)
+
     @property
     def oldest_first(self) -> bool:
         """Whether the policy ranks by age alone (window, sink): then the step rule has a closed form."""
