@@ -64,8 +64,9 @@ class EvictionPolicy:
         prefill: how a cache takes a prompt. ``stepwise`` (the LESS paper): the prompt itself runs under
             eviction, token by token. ``one_shot`` (H2O's serving, SnapKV, kvpress): the prompt attends
             fully, then the cache is cut once to the budget by :meth:`compress` and the evicted tokens
-            are folded into the state. Only a prefill into a cache reads it; a form that scores every
-            token under the policy (perplexity, training) is stepwise.
+            are folded into the state. Only a cache's first prefill reads it (later chunks, such as a
+            new turn, follow the step rule); a form that scores every token under the policy
+            (perplexity, training) is stepwise.
     """
 
     sink: float = 0
