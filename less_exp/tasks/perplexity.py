@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from less_exp import data
+from less_exp.peak_memory import PeakMemory
 from less_exp.report_spec import ReportSpec
 from less_exp.tracking import Tracker
 
@@ -84,7 +86,8 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
     batches, num_windows = _batches(tokenizer, windows, text, task)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    with torch.inference_mode(), tqdm(total=num_windows, desc="perplexity", unit="window") as bar:
+    started = time.perf_counter()
+    with torch.inference_mode(), PeakMemory(device) as peak, tqdm(total=num_windows, desc="perplexity", unit="window") as bar:
         for inputs, targets, start in batches:
             logits = model(input_ids=inputs.to(device), use_cache=False).logits[:, start : start + targets.shape[1]]
             nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(), reduction="sum").item()
@@ -92,8 +95,10 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
             total_tokens += targets.numel()
             bar.update(len(inputs))
             tracker.log({"perplexity/batch_nll": nll / targets.numel(), "perplexity/running": math.exp(total_nll / total_tokens)}, step=bar.n)
+    seconds = time.perf_counter() - started
     words, num_bytes = data.count_words(text), data.count_bytes(text)
     mean_nll = total_nll / total_tokens
+    cost = {"scoring_s": seconds} if peak.bytes is None else {"scoring_s": seconds, "scoring_peak_mb": peak.bytes / 2**20}
     return {
         "perplexity": math.exp(mean_nll),
         "nll": mean_nll,
@@ -104,4 +109,5 @@ def run(model, tokenizer, cfg: DictConfig, tracker: Tracker) -> dict:
         "num_words": words,
         "num_bytes": num_bytes,
         "num_windows": num_windows,
+        **cost,  # the forward passes' time and peak memory above what was held before them
     }
