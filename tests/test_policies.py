@@ -123,10 +123,12 @@ def test_oldest_first_closed_form_equals_the_step_loop(policy, pad):
                                     H2O(heavy=1, recent=1)], ids=repr)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ranking_parallel_face_over_slots_equals_the_step_loop_and_the_reference(policy, ties, seed, monkeypatch):
-    """The slot-wise parallel face, its logits read as rows of 5 steps (never the whole tensor), against
-    the step loop over every position (the chunk face from an empty cache) and the slow reference:
-    keep sets, evicted stream, what is present at the end and its scores."""
+@pytest.mark.parametrize("narrow", [False, True], ids=["all-keys", "causal-keys"])
+def test_ranking_parallel_face_over_slots_equals_the_step_loop_and_the_reference(policy, ties, seed, narrow, monkeypatch):
+    """The slot-wise parallel face, its logits read as rows of 5 steps (never the whole tensor; with
+    ``narrow`` only over the keys those steps may see), against the step loop over every position
+    (the chunk face from an empty cache) and the slow reference: keep sets, evicted stream, what is
+    present at the end and its scores."""
     import less_exp.policies.base as base
 
     logits, valid = _inputs(pad=(0, 4, 9), B=3, seed=seed, ties=ties)
@@ -137,7 +139,7 @@ def test_ranking_parallel_face_over_slots_equals_the_step_loop_and_the_reference
 
     def rows(start, stop):
         asked.append((start, stop))
-        return logits.float()[..., start:stop, :]
+        return logits.float()[..., start:stop, :stop] if narrow else logits.float()[..., start:stop, :]
 
     slots = policy.keep_mask(budget, valid, 2, rows)
     assert asked == [(0, 5), (5, 10), (10, 15), (15, 17)]

@@ -79,8 +79,8 @@ class Compression:
         valid = valid if valid is not None else torch.ones(B, S, dtype=torch.bool, device=key.device)
         budget = self.budget(int(valid.sum(-1).max()))
 
-        def rows(start, stop):  # a ranking reads every query's attention: made a block of queries at a time
-            return attention_logits(query[..., start:stop, :].detach(), key.detach(), scaling)
+        def rows(start, stop):  # a ranking reads every query's attention, a block of queries at a time, over
+            return attention_logits(query[..., start:stop, :].detach(), key[..., :stop, :].detach(), scaling)  # keys they may see
 
         sched = self.schedule(budget, valid, rows if self.policy.uses_scores else None)
         out, lse = blocked_sparse_attention(query, key, value, sched.keep, scaling, self.attention_block)

@@ -261,18 +261,26 @@ class EvictionPolicy:
         return Schedule(keep, evicted, present, logical, scores, count0 + arrive.long().sum(-1))
 
     @staticmethod
-    def _step_logits(logits, arrive: torch.Tensor, present0: torch.Tensor, start: int, stop: int):
+    def _step_logits(logits, arrive: torch.Tensor, present0: torch.Tensor, start: int, stop: int,
+                     width: int | None = None):
         """The logits of the steps ``start:stop`` with -inf at the keys their queries cannot see (not in
         the cache's ``present0 [B, Hkv, N]``, not yet arrived, padding), and each row's max (at least
-        -1e30). Made a block of steps at a time, so that no S x S float32 tensor is held."""
+        -1e30). Made a block of steps at a time, so that no S x S float32 tensor is held. A function
+        may return only the first ``N + stop`` columns (no later key is seen); the rows come back
+        ``width`` columns wide (default ``N + c``), -inf past what was given."""
         B, heads, N = present0.shape
         c = arrive.shape[1]
         rows = logits[..., start:stop, :] if isinstance(logits, torch.Tensor) else logits(start, stop)
+        given = rows.shape[-1]
         step = torch.arange(start, stop, device=arrive.device)[:, None]
         arrived = arrive[:, None, :] & (torch.arange(c, device=arrive.device)[None, :] <= step)  # [B, rows, c]
         seen = torch.cat([present0[:, :, None, :].expand(B, heads, stop - start, N), arrived[:, None].expand(B, heads, -1, c)], -1)
-        masked = rows.masked_fill(~seen[:, :, None], -math.inf)
-        return masked, masked.amax(-1).clamp_min(-1e30)
+        masked = rows.masked_fill(~seen[:, :, None, :, :given], -math.inf)
+        top = masked.amax(-1).clamp_min(-1e30)
+        width = N + c if width is None else width
+        if given < width:
+            masked = torch.cat([masked, masked.new_full((*masked.shape[:-1], width - given), -math.inf)], -1)
+        return masked, top
 
     # ------------------------------------------------------------- parallel face
     def keep_mask(
@@ -338,9 +346,9 @@ class EvictionPolicy:
         zero = scores.new_zeros(B, H, 1)
         for j in range(S):
             if j % SCORE_BLOCK == 0:
-                rows, top = self._step_logits(logits, valid, empty, j, min(j + SCORE_BLOCK, S))
-                # the spare column S at -inf: a slot without a token gets no attention, with no mask to apply
-                rows = torch.cat([rows, rows.new_full((*rows.shape[:-1], 1), -math.inf)], -1).permute(3, 0, 1, 2, 4).contiguous()
+                # one spare column (S) at -inf: a slot without a token gets no attention, with no mask to apply
+                rows, top = self._step_logits(logits, valid, empty, j, min(j + SCORE_BLOCK, S), width=S + 1)
+                rows = rows.permute(3, 0, 1, 2, 4).contiguous()
                 top, first = top.permute(3, 0, 1, 2)[..., None], j
             target, here, current = step_free[j], step_valid[j], step_logical[j]
             if may_evict[j]:
