@@ -4,7 +4,8 @@ GPU: the caching allocator's peak (``torch.cuda.max_memory_allocated``) after a 
 process's resident high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs`` (Linux 4.0+).
 Inside the stretch glibc's malloc maps every block of 1 MiB or more on its own (``mallopt``), so a
 freed tensor leaves the resident set at once and the mark follows live tensors, not the allocator's
-free lists; after it, blocks up to 32 MiB come from the heap again (the ceiling glibc's own threshold
+free lists (which are handed back to the system when the stretch begins); after it, blocks up to
+32 MiB come from the heap again (the ceiling glibc's own threshold
 rises to), so timings taken outside a stretch are not slowed by fresh pages. Either way the figure is
 the growth above the memory held when the stretch began.
 """
@@ -30,10 +31,16 @@ def _resident(field: str) -> int:
     raise OSError(f"{_STATUS} has no {field}")
 
 
-def _map_blocks_from(size: int) -> None:
+def _libc():
     name = ctypes.util.find_library("c")
-    if name:
-        ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, size)
+    return ctypes.CDLL(name) if name else None
+
+
+def _map_blocks_from(size: int) -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, size)
+        libc.malloc_trim(0)  # free heap pages go back first, so later growth is not hidden in them
 
 
 def supported(device: torch.device) -> bool:

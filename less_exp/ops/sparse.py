@@ -98,12 +98,16 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     outs = []
     for start in range(0, S, block):
         rows = positions[start:start + block]
-        keep = (positions[None, :] <= rows[:, None]) & valid[:, None, :]
-        keep = keep | (~valid[:, start:start + block, None] & (positions[None, :] == rows[:, None]))
-        out, _, probs = sparse_attention(attention_logits(query[..., start:start + block, :], key, scaling),
-                                         keep[:, None], value)
+        stop = start + rows.numel()  # the block's queries see no key past it
+        seen = positions[:stop]
+        keep = (seen[None, :] <= rows[:, None]) & valid[:, None, :stop]
+        keep = keep | (~valid[:, start:stop, None] & (seen[None, :] == rows[:, None]))
+        out, _, probs = sparse_attention(attention_logits(query[..., start:stop, :], key[..., :stop, :], scaling),
+                                         keep[:, None], value[..., :stop, :])
         outs.append(out)
-        real = valid[:, start:start + block]
-        received += torch.einsum("bhgqk,bq->bhk", probs, real.float())
-        final += torch.einsum("bhgqk,bq->bhk", probs, (rows[None, :] == last[:, None]).float())
+        real = valid[:, start:stop]
+        received[..., :stop] += torch.einsum("bhgqk,bq->bhk", probs, real.float())
+        is_last = rows[None, :] == last[:, None]
+        if bool(is_last.any()):
+            final[..., :stop] += torch.einsum("bhgqk,bq->bhk", probs, is_last.float())
     return torch.cat(outs, dim=3).reshape(B, H, S, d), received, final
