@@ -338,3 +338,5 @@ def test_headwise_matmul_equals_the_broadcast_product(dtype, heads):
     torch.matmul(xd, wd).square().sum().backward()
     torch.testing.assert_close(w.grad.double(), wd.grad, atol=tol * 50, rtol=tol * 5)
     torch.testing.assert_close(x.grad.double(), xd.grad, atol=tol * 50, rtol=tol * 5)
+    unbatched = headwise_matmul(x.detach()[0], w.detach())  # [H, S, d]: any leading dimensions
+    torch.testing.assert_close(unbatched.double(), reference[0], atol=tol, rtol=tol)

@@ -6,7 +6,7 @@ import torch
 
 
 def headwise_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, S, d] @ weight [H or 1, d, k] -> [B, H, S, k]`` (the weight cast to ``x``'s dtype).
+    """``x [..., H, S, d] @ weight [H or 1, d, k] -> [..., H, S, k]`` (the weight cast to ``x``'s dtype).
 
     ``torch.matmul`` would broadcast the weights to ``[B, H, d, k]`` and copy them, which at a decode
     batch of a thousand rows costs more than the product itself; here every head's rows (batch and
@@ -14,6 +14,7 @@ def headwise_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     weight = weight.to(x.dtype)
     if weight.shape[0] == 1:
         return torch.matmul(x, weight[0])
-    B, H, S, d = x.shape
-    rows = x.transpose(0, 1).reshape(H, B * S, d)
-    return torch.bmm(rows, weight).reshape(H, B, S, -1).transpose(0, 1)
+    *lead, H, S, d = x.shape
+    rows = x.reshape(-1, H, S, d).transpose(0, 1).reshape(H, -1, d)
+    out = torch.bmm(rows, weight).reshape(H, -1, S, weight.shape[-1]).transpose(0, 1)
+    return out.reshape(*lead, H, S, weight.shape[-1])
